@@ -1,0 +1,649 @@
+"""Bytes to records: an incremental, sans-I/O reader of QEMU's migration stream.
+
+Feed chunks of any size with feed(), drain records() after each feed, call close()
+at the end of input. The reader keeps at most one incomplete element buffered (a
+RAM page and its header, or a bounded PACKAGED/VMDESCRIPTION payload) besides the
+chunk just fed. Device sections cannot be parsed without their vmstate
+descriptions, so from the first device section on the reader passes the rest of
+the stream through as DeviceStateChunk records (raw mode), never accumulating it.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterator
+from typing import NoReturn
+
+from . import records as r
+from .constants import (
+    CAPABILITY_IGNORE_SHARED,
+    CAPABILITY_MAPPED_RAM,
+    QEVM_MAGIC,
+    QEVM_VERSION,
+    QEVM_VERSION_COMPAT,
+    RAM_IDSTR,
+    RAM_VERSION,
+    SUBSECTION_CAPABILITIES,
+    SUBSECTION_TARGET_PAGE_BITS,
+    SUBSECTION_UUID,
+    MigCommand,
+    RamFlag,
+    SectionType,
+)
+from .cursor import Cursor, NeedMore
+from .device_tail import DeviceStateEnd, DeviceStateEndTracker
+from .errors import StreamError
+from .options import StreamOptions, check_page_size
+
+log = logging.getLogger(__name__)
+
+MAX_MACHINE_NAME = 256
+MAX_CAPABILITIES = 64
+MAX_RAM_BLOCKS = 1024
+
+_BE64 = struct.Struct(">Q")
+
+_PAGE = int(RamFlag.PAGE)
+_ZERO = int(RamFlag.ZERO)
+_PAGE_C = int(RamFlag.PAGE | RamFlag.CONTINUE)
+_ZERO_C = int(RamFlag.ZERO | RamFlag.CONTINUE)
+_KNOWN_FLAGS = int(
+    RamFlag.ZERO
+    | RamFlag.MEM_SIZE
+    | RamFlag.PAGE
+    | RamFlag.EOS
+    | RamFlag.CONTINUE
+    | RamFlag.XBZRLE
+    | RamFlag.HOOK
+    | RamFlag.COMPRESS_PAGE
+    | RamFlag.MULTIFD_FLUSH
+)
+
+# Fixed payload lengths (mig_cmd_args in migration/savevm.c); None: variable.
+_COMMAND_LENGTH: dict[MigCommand, int | None] = {
+    MigCommand.OPEN_RETURN_PATH: 0,
+    MigCommand.PING: 4,
+    MigCommand.POSTCOPY_ADVISE: None,
+    MigCommand.POSTCOPY_LISTEN: 0,
+    MigCommand.POSTCOPY_RUN: 0,
+    MigCommand.POSTCOPY_RAM_DISCARD: None,
+    MigCommand.PACKAGED: 4,
+    MigCommand.ENABLE_COLO: 0,
+    MigCommand.POSTCOPY_RESUME: 0,
+    MigCommand.RECV_BITMAP: None,
+    MigCommand.SWITCHOVER_START: 0,
+}
+_EMPTY_COMMANDS: dict[MigCommand, r.CommandRecord] = {
+    MigCommand.OPEN_RETURN_PATH: r.OpenReturnPath(),
+    MigCommand.POSTCOPY_LISTEN: r.PostcopyListen(),
+    MigCommand.POSTCOPY_RUN: r.PostcopyRun(),
+    MigCommand.ENABLE_COLO: r.EnableColo(),
+    MigCommand.POSTCOPY_RESUME: r.PostcopyResume(),
+    MigCommand.SWITCHOVER_START: r.SwitchoverStart(),
+}
+
+# Reader states.
+_HEADER = "the stream header"
+_CONFIG = "the configuration"
+_TOP = "the stream"
+_RAM = "a RAM section body"
+_FOOTER = "a section footer"
+_AFTER_EOF = "the VMDESCRIPTION"
+_DONE = "the end of the stream"
+_RAW = "the device state"
+
+
+def _type_name(byte: int) -> str:
+    try:
+        return SectionType(byte).name
+    except ValueError:
+        return f"{byte:#04x}"
+
+
+class StreamReader:
+    """Incremental reader of one migration stream (see the module docstring).
+
+    After the RAM setup the reader exposes ``configuration``, ``mem_size`` (the
+    RAM block list), ``ram_section_id`` and ``page_size``; after close() in raw
+    mode, ``device_state_end`` tells where EOF and the vmdesc begin.
+    Any malformed input raises StreamError; the reader then stays failed.
+    """
+
+    def __init__(self, options: StreamOptions | None = None) -> None:
+        self.options = options or StreamOptions()
+        self.page_size = self.options.page_size
+        self.configuration: r.Configuration | None = None
+        self.mem_size: r.RamMemSize | None = None
+        self.ram_section_id: int | None = None
+        self.device_state_end: DeviceStateEnd | None = None
+        self._buf = b""
+        self._pos = 0
+        self._base = 0
+        self._state = _TOP if self.options.packaged else _HEADER
+        self._section_id = 0
+        self._ignore_shared = bool(self.options.ignore_shared)
+        self._blocks: dict[bytes, tuple[str, int]] | None = None
+        self._last_block: tuple[str, int] | None = None
+        self._raw_pending: list[bytes] = []
+        self._tail: DeviceStateEndTracker | None = None
+        self._error: StreamError | None = None
+        self._closed = False
+
+    @property
+    def offset(self) -> int:
+        """Absolute position of the next byte to parse (or to pass through)."""
+        if self._tail is not None:
+            return self._tail.offset
+        return self._base + self._pos
+
+    @property
+    def raw(self) -> bool:
+        """Whether the reader is passing the device state through."""
+        return self._state is _RAW
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append input; the bytes are copied or kept immutable, never aliased."""
+        if self._closed:
+            raise ValueError("feed() after close()")
+        if not data:
+            return
+        if self._state is _RAW:
+            self._raw_pending.append(bytes(data))
+        elif self._pos >= len(self._buf):
+            self._base += len(self._buf)
+            self._buf = bytes(data)
+            self._pos = 0
+        else:
+            self._base += self._pos
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+
+    def records(self) -> Iterator[r.Record]:
+        """Yield every record complete in the bytes fed so far."""
+        if self._error is not None:
+            raise self._error
+        try:
+            while True:
+                state = self._state
+                if state is _RAM:
+                    yield from self._ram_records()
+                    if self._state is _RAM:
+                        return
+                elif state is _RAW:
+                    yield from self._raw_records()
+                    return
+                else:
+                    rec = self._step()
+                    if rec is None:
+                        return
+                    yield rec
+        except StreamError as err:
+            self._error = err
+            raise
+
+    def close(self) -> None:
+        """Declare the end of input; raises StreamError if the stream is incomplete."""
+        if self._error is not None:
+            raise self._error
+        self._closed = True
+        end = self._base + len(self._buf)
+        state = self._state
+        if state is _RAW:
+            list(self._raw_records())
+            assert self._tail is not None
+            self.device_state_end = self._tail.end()
+            if self.device_state_end is None and not self.options.packaged:
+                self._fail(
+                    f"stream truncated at byte {self._tail.offset} inside the device state: "
+                    "it does not end with EOF",
+                    self._tail.offset,
+                )
+            return
+        pending = len(self._buf) - self._pos
+        if not pending and (
+            state in (_AFTER_EOF, _DONE) or (state is _TOP and self.options.packaged)
+        ):
+            return
+        if state is _RAM or state is _FOOTER:
+            where = f"section {self._section_id} ({RAM_IDSTR})"
+        elif state is _TOP and pending:
+            where = f"the {_type_name(self._buf[self._pos])} element starting at byte {self.offset}"
+        elif state is _TOP:
+            where = "the stream (no EOF)"
+        else:
+            where = state
+        self._fail(f"stream truncated at byte {end} inside {where}", end)
+
+    def _fail(self, message: str, offset: int) -> NoReturn:
+        self._error = StreamError(message, offset)
+        raise self._error
+
+    # Slow path: everything but RAM records and raw chunks.
+
+    def _step(self) -> r.Record | None:
+        cur = Cursor(self._buf, self._pos, self._base)
+        try:
+            state = self._state
+            if state is _HEADER:
+                rec: r.Record = self._header(cur)
+            elif state is _CONFIG:
+                if cur.pos >= len(cur.buf):
+                    return None
+                if cur.buf[cur.pos] == SectionType.CONFIGURATION:
+                    rec = self._configuration(cur)
+                    self._state = _TOP
+                else:
+                    self._state = _TOP
+                    return self._step()
+            elif state is _FOOTER:
+                rec = self._footer(cur)
+            elif state is _AFTER_EOF:
+                rec = self._vmdesc(cur)
+            elif state is _DONE:
+                if cur.pos < len(cur.buf):
+                    self._fail(
+                        f"unexpected data after the VMDESCRIPTION: {cur.buf[cur.pos]:#04x}",
+                        cur.offset,
+                    )
+                return None
+            else:
+                rec = self._top(cur)
+        except NeedMore:
+            return None
+        if self._state is not _RAW:
+            self._pos = cur.pos
+        return rec
+
+    def _header(self, cur: Cursor) -> r.StreamHeader:
+        at = cur.offset
+        magic = cur.be32()
+        version = cur.be32()
+        if magic != QEVM_MAGIC:
+            self._fail(f"bad magic {magic:#010x}, expected {QEVM_MAGIC:#010x} (QEVM)", at)
+        if version == QEVM_VERSION_COMPAT:
+            self._fail(
+                f"stream version {version} is obsolete (QEMU loads only version {QEVM_VERSION})",
+                at + 4,
+            )
+        if version != QEVM_VERSION:
+            self._fail(f"unsupported stream version {version}, expected {QEVM_VERSION}", at + 4)
+        self._state = _CONFIG
+        return r.StreamHeader(version)
+
+    def _configuration(self, cur: Cursor) -> r.Configuration:
+        cur.u8()
+        at = cur.offset
+        length = cur.be32()
+        if length > MAX_MACHINE_NAME:
+            self._fail(
+                f"configuration machine name of {length} bytes (at most {MAX_MACHINE_NAME})", at
+            )
+        machine = cur.take(length).decode("utf-8", "surrogateescape")
+        subsections: list[r.ConfigSubsection] = []
+        seen: set[str] = set()
+        while True:
+            if cur.pos >= len(cur.buf):
+                raise NeedMore
+            if cur.buf[cur.pos] != SectionType.SUBSECTION:
+                break
+            at = cur.offset
+            cur.u8()
+            name = cur.str8()
+            version_id = cur.be32()
+            if name in seen:
+                self._fail(f"duplicate configuration subsection {name!r}", at)
+            seen.add(name)
+            if version_id != 1:
+                self._fail(f"subsection {name!r} version {version_id}, only 1 is known", at)
+            if name == SUBSECTION_TARGET_PAGE_BITS:
+                bits_at = cur.offset
+                bits = cur.be32()
+                try:
+                    check_page_size(1 << bits if bits < 64 else 0)
+                except ValueError as err:
+                    self._fail(f"target-page-bits {bits}: {err}", bits_at)
+                subsections.append(r.TargetPageBits(bits, version_id))
+            elif name == SUBSECTION_CAPABILITIES:
+                count_at = cur.offset
+                count = cur.be32()
+                if count > MAX_CAPABILITIES:
+                    self._fail(
+                        f"{count} capabilities in the configuration (at most {MAX_CAPABILITIES})",
+                        count_at,
+                    )
+                caps = tuple(cur.str8() for _ in range(count))
+                if CAPABILITY_MAPPED_RAM in caps:
+                    self._fail("mapped-ram streams are not supported", count_at)
+                subsections.append(r.Capabilities(caps, version_id))
+            elif name == SUBSECTION_UUID:
+                subsections.append(r.Uuid(cur.take(16), version_id))
+            else:
+                self._fail(f"unknown configuration subsection {name!r}", at)
+        for sub in subsections:
+            if isinstance(sub, r.TargetPageBits):
+                self.page_size = 1 << sub.bits
+            elif isinstance(sub, r.Capabilities) and self.options.ignore_shared is None:
+                self._ignore_shared = CAPABILITY_IGNORE_SHARED in sub.names
+        self.configuration = r.Configuration(machine, tuple(subsections))
+        log.debug("configuration %r, page size %d", machine, self.page_size)
+        return self.configuration
+
+    def _footer(self, cur: Cursor) -> r.SectionFooter:
+        at = cur.offset
+        kind = cur.u8()
+        if kind != SectionType.SECTION_FOOTER:
+            self._fail(
+                f"expected SECTION_FOOTER for section {self._section_id}, got {kind:#04x}", at
+            )
+        section_id = cur.be32()
+        if section_id != self._section_id:
+            self._fail(
+                f"SECTION_FOOTER for section {section_id}, expected section {self._section_id}",
+                at,
+            )
+        self._state = _TOP
+        return r.SectionFooter(section_id)
+
+    def _vmdesc(self, cur: Cursor) -> r.VmDescription:
+        at = cur.offset
+        kind = cur.u8()
+        if kind != SectionType.VMDESCRIPTION:
+            self._fail(f"expected VMDESCRIPTION after EOF, got {_type_name(kind)}", at)
+        length = cur.be32()
+        if length > self.options.max_vmdesc:
+            self._fail(
+                f"VMDESCRIPTION of {length} bytes (at most {self.options.max_vmdesc})", at + 1
+            )
+        rec = r.VmDescription(cur.take(length))
+        self._state = _DONE
+        return rec
+
+    def _top(self, cur: Cursor) -> r.Record:
+        at = cur.offset
+        kind = cur.u8()
+        if kind == SectionType.SECTION_START or kind == SectionType.SECTION_FULL:
+            return self._start_or_full(cur, kind, at)
+        if kind == SectionType.SECTION_PART or kind == SectionType.SECTION_END:
+            section_id = cur.be32()
+            if section_id != self.ram_section_id:
+                self._fail(f"{_type_name(kind)} for unknown section id {section_id}", at)
+            self._section_id = section_id
+            self._state = _RAM
+            if kind == SectionType.SECTION_PART:
+                return r.SectionPart(section_id)
+            return r.SectionEnd(section_id)
+        if kind == SectionType.COMMAND:
+            return self._command(cur, at)
+        if kind == SectionType.EOF:
+            self._state = _AFTER_EOF
+            return r.Eof()
+        if kind == SectionType.VMDESCRIPTION:
+            self._fail("VMDESCRIPTION before EOF", at)
+        if kind in (
+            SectionType.CONFIGURATION,
+            SectionType.SUBSECTION,
+            SectionType.SECTION_FOOTER,
+        ):
+            self._fail(f"unexpected {_type_name(kind)} between sections", at)
+        self._fail(f"unknown section type {kind:#04x}", at)
+
+    def _start_or_full(self, cur: Cursor, kind: int, at: int) -> r.Record:
+        section_id = cur.be32()
+        idstr = cur.str8()
+        instance_id = cur.be32()
+        version_id = cur.be32()
+        section: r.SectionStart | r.SectionFull
+        if kind == SectionType.SECTION_START:
+            section = r.SectionStart(section_id, idstr, instance_id, version_id)
+        else:
+            section = r.SectionFull(section_id, idstr, instance_id, version_id)
+        if idstr == RAM_IDSTR:
+            if kind != SectionType.SECTION_START:
+                self._fail(f"RAM in a SECTION_FULL (section id {section_id})", at)
+            if self.ram_section_id is not None:
+                self._fail(f"second RAM SECTION_START (section id {section_id})", at)
+            if version_id != RAM_VERSION:
+                self._fail(f"RAM section version {version_id}, only {RAM_VERSION} is supported", at)
+            self.ram_section_id = self._section_id = section_id
+            self._state = _RAM
+            return section
+        if self.ram_section_id is None and self.options.expect_ram and not self.options.packaged:
+            self._fail(
+                f"device section {idstr!r} (section id {section_id}) before the RAM setup: "
+                "it cannot be skipped without its vmstate description",
+                at,
+            )
+        log.debug("device state begins at byte %d with %r", at, idstr)
+        self._state = _RAW
+        self._tail = DeviceStateEndTracker(at)
+        rest = self._buf[at - self._base :]
+        self._base = at + len(rest)
+        self._buf = b""
+        self._pos = 0
+        if rest:
+            self._raw_pending.insert(0, rest)
+        return r.DeviceStateStart(at, section)
+
+    def _command(self, cur: Cursor, at: int) -> r.CommandRecord:
+        number = cur.be16()
+        length = cur.be16()
+        try:
+            cmd = MigCommand(number)
+        except ValueError:
+            self._fail(f"unknown command {number:#06x} (length {length})", at)
+        expected = _COMMAND_LENGTH[cmd]
+        if expected is not None and length != expected:
+            self._fail(f"command {cmd.name} with length {length}, expected {expected}", at)
+        payload_at = cur.offset
+        payload = Cursor(cur.take(length), 0, payload_at)
+        try:
+            rec = self._command_payload(cmd, payload, length, at)
+        except NeedMore:
+            self._fail(f"command {cmd.name} payload of {length} bytes is too short", at)
+        if cmd == MigCommand.PACKAGED:
+            assert isinstance(rec, r.Packaged)
+            size = int.from_bytes(payload.buf, "big")
+            if size > self.options.max_packaged:
+                self._fail(
+                    f"PACKAGED payload of {size} bytes (at most {self.options.max_packaged})",
+                    payload_at,
+                )
+            rec = r.Packaged(cur.take(size))
+        return rec
+
+    def _command_payload(self, cmd: MigCommand, p: Cursor, length: int, at: int) -> r.CommandRecord:
+        empty = _EMPTY_COMMANDS.get(cmd)
+        if empty is not None:
+            return empty
+        if cmd == MigCommand.PING:
+            return r.Ping(p.be32())
+        if cmd == MigCommand.PACKAGED:
+            return r.Packaged(b"")
+        if cmd == MigCommand.POSTCOPY_ADVISE:
+            if length == 0:
+                return r.PostcopyAdvise(None, None)
+            if length != 16:
+                self._fail(f"command POSTCOPY_ADVISE with length {length}, expected 0 or 16", at)
+            return r.PostcopyAdvise(p.be64(), p.be64())
+        if cmd == MigCommand.RECV_BITMAP:
+            block = p.str8()
+            if p.pos != length:
+                self._fail(
+                    f"command RECV_BITMAP with length {length}, expected {p.pos} for its name", at
+                )
+            return r.RecvBitmap(block)
+        assert cmd == MigCommand.POSTCOPY_RAM_DISCARD
+        version = p.u8()
+        if version != 0:
+            self._fail(f"POSTCOPY_RAM_DISCARD version {version}, expected 0", p.offset - 1)
+        block = p.str8()
+        nil = p.u8()
+        if nil != 0:
+            self._fail(f"POSTCOPY_RAM_DISCARD name not followed by 0 but {nil:#04x}", p.offset - 1)
+        left = length - p.pos
+        if left <= 0 or left % 16:
+            self._fail(
+                f"POSTCOPY_RAM_DISCARD with {left} bytes of ranges "
+                "(expected a non-zero multiple of 16)",
+                at,
+            )
+        ranges = tuple((p.be64(), p.be64()) for _ in range(left // 16))
+        return r.PostcopyRamDiscard(block, ranges, version)
+
+    # Fast path: RAM records.
+
+    def _ram_records(self) -> Iterator[r.Record]:
+        page_size = self.page_size
+        mask = page_size - 1
+        unpack = _BE64.unpack_from
+        page_c, zero_c, page, zero = _PAGE_C, _ZERO_C, _PAGE, _ZERO
+        ram_page, ram_zero = r.RamPage, r.RamZero
+        while True:
+            buf = self._buf
+            pos = self._pos
+            end = len(buf)
+            if end - pos < 8:
+                return
+            word = unpack(buf, pos)[0]
+            flags = word & mask
+            addr = word ^ flags
+            if flags in (page_c, zero_c):
+                blk = self._last_block
+                if blk is None:
+                    self._fail("RAM record with CONTINUE but no previous block", self._base + pos)
+                stop = pos + 8 + (page_size if flags == page_c else 1)
+                if stop > end:
+                    return
+                if addr >= blk[1]:
+                    self._bad_offset(blk[0], addr, blk[1], pos)
+                if flags == page_c:
+                    self._pos = stop
+                    yield ram_page(blk[0], addr, buf[pos + 8 : stop], True)
+                else:
+                    if buf[pos + 8]:
+                        self._bad_fill(buf[pos + 8], pos + 8)
+                    self._pos = stop
+                    yield ram_zero(blk[0], addr, True)
+            elif flags in (page, zero):
+                if end - pos < 9:
+                    return
+                name_end = pos + 9 + buf[pos + 8]
+                stop = name_end + (page_size if flags == page else 1)
+                if stop > end:
+                    return
+                blocks = self._blocks
+                if blocks is None:
+                    self._fail("RAM page before the RAM block list (MEM_SIZE)", self._base + pos)
+                blk = blocks.get(buf[pos + 9 : name_end])
+                if blk is None:
+                    name = buf[pos + 9 : name_end].decode("utf-8", "surrogateescape")
+                    self._fail(f"RAM block {name!r} is not in the MEM_SIZE list", self._base + pos)
+                if addr >= blk[1]:
+                    self._bad_offset(blk[0], addr, blk[1], pos)
+                self._last_block = blk
+                if flags == page:
+                    self._pos = stop
+                    yield ram_page(blk[0], addr, buf[name_end:stop], False)
+                else:
+                    if buf[name_end]:
+                        self._bad_fill(buf[name_end], name_end)
+                    self._pos = stop
+                    yield ram_zero(blk[0], addr, False)
+            else:
+                rec = self._ram_other(flags, addr)
+                if rec is None:
+                    return
+                yield rec
+                if self._state is not _RAM:
+                    return
+
+    def _bad_offset(self, block: str, addr: int, used_length: int, pos: int) -> NoReturn:
+        self._fail(
+            f"RAM offset {addr:#x} out of block {block!r} (used_length {used_length:#x})",
+            self._base + pos,
+        )
+
+    def _bad_fill(self, fill: int, pos: int) -> NoReturn:
+        self._fail(f"ZERO page fill byte {fill:#04x}, expected 0", self._base + pos)
+
+    def _ram_other(self, flags: int, addr: int) -> r.RamRecord | None:
+        at = self._base + self._pos
+        if flags & RamFlag.XBZRLE:
+            self._fail("XBZRLE pages are not supported", at)
+        if flags & RamFlag.COMPRESS_PAGE:
+            self._fail("compressed pages (RAM_SAVE_FLAG_COMPRESS_PAGE) are not supported", at)
+        if flags & RamFlag.HOOK:
+            self._fail("RDMA hook records (RAM_SAVE_FLAG_HOOK) are not supported", at)
+        if flags & ~_KNOWN_FLAGS:
+            self._fail(
+                f"unknown RAM flags {flags & ~_KNOWN_FLAGS:#x} (or an unaligned offset) "
+                f"in record {addr | flags:#x}",
+                at,
+            )
+        rec: r.RamRecord
+        if flags == RamFlag.EOS or flags == RamFlag.MULTIFD_FLUSH:
+            if addr:
+                self._fail(f"RAM {RamFlag(flags).name} record with offset {addr:#x}", at)
+            self._pos += 8
+            if flags == RamFlag.MULTIFD_FLUSH:
+                return r.RamMultifdFlush()
+            self._state = _FOOTER
+            return r.RamEos()
+        if flags == RamFlag.MEM_SIZE:
+            cur = Cursor(self._buf, self._pos + 8, self._base)
+            try:
+                rec = self._mem_size(cur, addr, at)
+            except NeedMore:
+                return None
+            self._pos = cur.pos
+            return rec
+        self._fail(f"invalid RAM flag combination {flags:#x}", at)
+
+    def _carries_page_size(self, name: str) -> bool:
+        option = self.options.block_page_sizes
+        return option if isinstance(option, bool) else name in option
+
+    def _mem_size(self, cur: Cursor, total: int, at: int) -> r.RamMemSize:
+        if self._blocks is not None:
+            self._fail("second RAM block list (MEM_SIZE)", at)
+        left = total
+        blocks: list[r.RamBlockInfo] = []
+        names: dict[bytes, tuple[str, int]] = {}
+        while left:
+            entry_at = cur.offset
+            raw = cur.take(cur.u8())
+            name = raw.decode("utf-8", "surrogateescape")
+            length = cur.be64()
+            page_size = cur.be64() if self._carries_page_size(name) else None
+            mr_addr = cur.be64() if self._ignore_shared else None
+            if raw in names:
+                self._fail(f"RAM block {name!r} listed twice in MEM_SIZE", entry_at)
+            if length == 0:
+                self._fail(f"RAM block {name!r} has length 0", entry_at)
+            if length > left:
+                self._fail(
+                    f"RAM block {name!r} length {length:#x} exceeds the {left:#x} bytes left "
+                    f"of the MEM_SIZE total {total:#x}",
+                    entry_at,
+                )
+            if len(blocks) == MAX_RAM_BLOCKS:
+                self._fail(f"more than {MAX_RAM_BLOCKS} RAM blocks in MEM_SIZE", entry_at)
+            left -= length
+            names[raw] = (name, length)
+            blocks.append(r.RamBlockInfo(name, length, page_size, mr_addr))
+        self._blocks = names
+        self.mem_size = r.RamMemSize(tuple(blocks))
+        log.debug("RAM blocks: %s", ", ".join(f"{b.idstr}={b.used_length:#x}" for b in blocks))
+        return self.mem_size
+
+    # Raw mode.
+
+    def _raw_records(self) -> Iterator[r.DeviceStateChunk]:
+        tail = self._tail
+        assert tail is not None
+        pending = self._raw_pending
+        while pending:
+            chunk = pending.pop(0)
+            tail.feed(chunk)
+            yield r.DeviceStateChunk(chunk)
