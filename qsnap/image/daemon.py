@@ -1,0 +1,156 @@
+"""A private qemu-storage-daemon exporting one blockdev over NBD on a unix socket.
+
+qsnap never parses qcow2 itself: QEMU's block layer does, in this child process.  The
+socket lives in a fresh 0700 directory so no other user can reach the export.  The daemon
+dies with qsnap (PR_SET_PDEATHSIG) even if qsnap is killed with SIGKILL, and runs in its
+own session so a terminal's Ctrl-C reaches only qsnap, which then shuts it down cleanly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from types import TracebackType
+
+from qsnap.image.errors import ImageError
+from qsnap.image.spec import FORMAT_NODE, BlockdevSpec
+
+log = logging.getLogger(__name__)
+
+EXPORT_NAME = "qsnap"
+_PR_SET_PDEATHSIG = 1
+
+
+def qsd_binary() -> str:
+    """``$QSNAP_QSD`` or ``qemu-storage-daemon`` from ``PATH``."""
+    path = os.environ.get("QSNAP_QSD") or shutil.which("qemu-storage-daemon")
+    if not path:
+        raise ImageError("qemu-storage-daemon not found (set QSNAP_QSD or install qemu-utils)")
+    return path
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _one_line(text: str) -> str:
+    """The daemon's stderr as one line, without its ``qemu-storage-daemon: --opt ...:`` prefix."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    out = []
+    for line in lines:
+        if line.startswith("qemu-storage-daemon: "):
+            line = line[len("qemu-storage-daemon: ") :]
+            if line.startswith("--") and ": " in line:
+                line = line.split(": ", 1)[1]
+        out.append(line)
+    return "; ".join(out)
+
+
+class StorageDaemon:
+    """Context manager: start the daemon, wait for its socket, always stop it.
+
+    ``socket_path`` and ``export_name`` are what :class:`qsnap.image.nbd.NbdClient` needs.
+    """
+
+    def __init__(self, spec: BlockdevSpec, *, writable: bool, timeout: float = 30.0) -> None:
+        self.spec = spec
+        self.writable = writable
+        self.timeout = timeout
+        self.export_name = EXPORT_NAME
+        self._dir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr_path = ""
+        self.socket_path = ""
+
+    def __enter__(self) -> StorageDaemon:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def argv(self) -> list[str]:
+        writable = "on" if self.writable else "off"
+        return [
+            qsd_binary(),
+            *self.spec.qsd_blockdev_args(read_only=not self.writable),
+            "--nbd-server",
+            f"addr.type=unix,addr.path={self.socket_path.replace(',', ',,')}",
+            "--export",
+            f"type=nbd,id=qsnap-export,node-name={FORMAT_NODE},"
+            f"name={self.export_name},writable={writable}",
+        ]
+
+    def start(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="qsnap-")
+        os.chmod(self._dir, 0o700)
+        self.socket_path = os.path.join(self._dir, "nbd.sock")
+        self._stderr_path = os.path.join(self._dir, "qsd.log")
+        argv = self.argv()
+        log.debug("starting %s", " ".join(argv))
+        with open(self._stderr_path, "wb") as err:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while not os.path.exists(self.socket_path):
+            if self._proc.poll() is not None:
+                raise ImageError(f"cannot open image {self.spec.text!r}: {self.stderr_text()}")
+            if time.monotonic() > deadline:
+                raise ImageError(
+                    f"qemu-storage-daemon did not create its socket within {self.timeout:g} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def stderr_text(self) -> str:
+        """What the daemon printed so far, as one line (empty when nothing)."""
+        try:
+            with open(self._stderr_path, encoding="utf-8", errors="replace") as f:
+                text = f.read(64 * 1024)
+        except OSError:
+            return ""
+        return _one_line(text) or "qemu-storage-daemon exited without a message"
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM (the daemon flushes and closes the image), SIGKILL after a timeout."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("qemu-storage-daemon ignored SIGTERM; killing it")
+                    proc.kill()
+                    proc.wait(timeout=self.timeout)
+            if proc.returncode not in (0, -signal.SIGTERM):
+                log.debug("qemu-storage-daemon exited with %s", proc.returncode)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

@@ -1,0 +1,320 @@
+"""``ImageWriter``: the save side of an image, one pass at a time.
+
+The writer decides where a pass goes (first pass: zero the whole disk; second pass of a
+two-pass save: zero only its own region), coalesces contiguous pages into large writes
+with several in flight, streams the device state in bounded chunks, keeps per-page
+digests, and marks the image COMPLETE only after everything else is flushed.  Any
+exception leaves the header at SAVING, so a failed save is never mistaken for a good one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from qsnap.image import layout
+from qsnap.image.errors import ImageError, NotAnImage
+from qsnap.image.layout import ALL_PASSES, BlockEntry, Header, ImageState, Pass, Region
+from qsnap.image.snapshot import SnapshotImage, describe_incomplete
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE = 2 * layout.MiB
+ZERO_CHUNK = 1 << 30
+
+
+class PassMismatch(ImageError):
+    """A second pass does not fit the first (other machine, or a part twice)."""
+
+
+@dataclass(frozen=True)
+class StreamPrologue:
+    """What every pass brings from its stream head."""
+
+    prologue: bytes
+    machine_type: str
+    page_size: int
+
+
+@dataclass(frozen=True)
+class RamSetup:
+    """The RAM START section of a stream, verbatim, and its block list."""
+
+    section_id: int
+    instance_id: int
+    version_id: int
+    raw: bytes
+    blocks: tuple[BlockEntry, ...]
+
+
+@dataclass
+class WriteStats:
+    data_pages: int = 0
+    zero_pages: int = 0
+    device_state_bytes: int = 0
+    written_bytes: int = 0
+
+
+class _BlockState:
+    __slots__ = ("digest_base", "entry", "index", "written")
+
+    def __init__(self, entry: BlockEntry, index: int, digest_base: int, pages: int) -> None:
+        self.entry = entry
+        self.index = index
+        self.digest_base = digest_base
+        self.written = bytearray((pages + 7) // 8)
+
+
+class ImageWriter:
+    """Write one pass into an image opened writable.
+
+    Call :meth:`start_ram` and/or :meth:`start_device_state` (in stream order), feed
+    :meth:`page`/:meth:`zero`/:meth:`device_state`, then :meth:`finish`.
+    """
+
+    def __init__(self, image: SnapshotImage, *, max_write: int = MAX_WRITE) -> None:
+        if not image.writable:
+            raise ImageError("image opened read-only")
+        self.image = image
+        self.client = image.client
+        self.stats = WriteStats()
+        self._max_write = max_write
+        try:
+            self.previous: Header | None = image.read_header()
+        except NotAnImage:
+            self.previous = None
+        self.header: Header | None = None
+        self._passes = Pass.NONE  # parts this stream has brought
+        self._blocks: dict[str, _BlockState] = {}
+        self._digests = bytearray()
+        self._buf = bytearray(max_write)
+        self._buf_len = 0
+        self._buf_start = 0
+        self._ds = Region()
+        self._ds_hasher = layout.device_state_hasher()
+        self._zero_digest = b""
+
+    # -- pass placement -----------------------------------------------------------------
+
+    def _second_pass_of(self, part: Pass, head: StreamPrologue) -> Header | None:
+        """The previous header if this stream completes it, else None (a fresh save)."""
+        prev = self.previous
+        if prev is None or prev.state != ImageState.SAVING or prev.passes != ALL_PASSES & ~part:
+            return None
+        if prev.prologue != head.prologue:
+            raise PassMismatch(
+                f"this pass does not belong to the saved one: stream prologue differs "
+                f"(machine {head.machine_type!r}, image has {prev.machine_type!r})"
+            )
+        if prev.page_size != head.page_size:
+            raise PassMismatch(
+                f"page size {head.page_size} differs from the saved pass ({prev.page_size})"
+            )
+        return prev
+
+    def _zero_from(self, start: int) -> None:
+        """Zero ``[start, end of disk)``: may-trim, so qcow2 only marks clusters zero."""
+        pos, end = start, self.client.size
+        while pos < end:
+            n = min(ZERO_CHUNK, end - pos)
+            self.client.submit_write_zeroes(pos, n)
+            pos += n
+        self.client.drain()
+        self.client.flush()
+
+    def _begin(self, header: Header, zero_from: int) -> None:
+        log.debug("pass starts; zeroing from %#x", zero_from)
+        self._zero_from(zero_from)
+        self.image.write_header(header)
+        self.client.flush()
+        self.header = header
+
+    def start_ram(self, head: StreamPrologue, setup: RamSetup) -> None:
+        """The RAM setup arrived: place the blocks, check the fit, mark the image SAVING."""
+        size = self.client.size
+        prev = self._second_pass_of(Pass.RAM, head)
+        if prev is not None:
+            base = layout.round_up(prev.device_state.end)
+            blocks, digests, end = layout.ram_layout(setup.blocks, head.page_size, base)
+            layout.check_fits(end, size, "the RAM")
+            header = prev
+            zero_from = base
+        else:
+            blocks, digests, end = layout.ram_layout(
+                setup.blocks, head.page_size, layout.HEADER_SIZE
+            )
+            layout.check_fits(end, size, "the RAM and its digest table")
+            header = Header(
+                state=ImageState.SAVING,
+                page_size=head.page_size,
+                machine_type=head.machine_type,
+                prologue=head.prologue,
+                device_state=Region(end, 0),
+            )
+            zero_from = 0
+        header = header.with_(
+            ram_section_id=setup.section_id,
+            ram_instance_id=setup.instance_id,
+            ram_version_id=setup.version_id,
+            ram_setup=setup.raw,
+            blocks=blocks,
+            digests=digests,
+        )
+        self._begin(header, zero_from)
+        self._passes |= Pass.RAM
+        self._zero_digest = layout.page_digest(bytes(head.page_size))
+        pos = 0
+        for i, entry in enumerate(blocks):
+            pages = header.page_count(entry)
+            self._blocks[entry.idstr] = _BlockState(entry, i, pos, pages)
+            pos += pages
+        self._digests = bytearray(self._zero_digest * pos)
+
+    def start_device_state(self, head: StreamPrologue) -> None:
+        """Device state begins; in a RAM stream it follows the RAM, else it is its own pass."""
+        if self._passes & Pass.RAM:
+            assert self.header is not None
+            if self.header.passes & Pass.VMSTATE:
+                raise PassMismatch(
+                    "the stream carries device state, but the image already holds the "
+                    "device state of a --save-vmstate pass (expected a RAM-only stream)"
+                )
+            self._flush_buffer()
+            self._ds = Region(self.header.device_state.offset, 0)
+        else:
+            prev = self._second_pass_of(Pass.VMSTATE, head)
+            if prev is not None:
+                header = prev
+                start = prev.device_state.offset
+            else:
+                start = layout.HEADER_SIZE
+                header = Header(
+                    state=ImageState.SAVING,
+                    page_size=head.page_size,
+                    machine_type=head.machine_type,
+                    prologue=head.prologue,
+                    device_state=Region(start, 0),
+                    digests=Region(),
+                )
+            layout.check_fits(start, self.client.size, "the device state")
+            self._begin(header, start if prev is not None else 0)
+            self._ds = Region(start, 0)
+        self._passes |= Pass.VMSTATE
+
+    # -- data ---------------------------------------------------------------------------
+
+    def _flush_buffer(self) -> None:
+        if self._buf_len:
+            self.client.submit_write(self._buf_start, memoryview(self._buf)[: self._buf_len])
+            self.stats.written_bytes += self._buf_len
+            self._buf_len = 0
+
+    def _append(self, image_offset: int, data: bytes | memoryview) -> None:
+        n = len(data)
+        if self._buf_len and (
+            image_offset != self._buf_start + self._buf_len or self._buf_len + n > self._max_write
+        ):
+            self._flush_buffer()
+        if not self._buf_len:
+            self._buf_start = image_offset
+        if n > self._max_write:
+            self.client.submit_write(image_offset, data)
+            self.stats.written_bytes += n
+            return
+        self._buf[self._buf_len : self._buf_len + n] = data
+        self._buf_len += n
+
+    def _locate(self, block: str, offset: int, length: int) -> _BlockState:
+        state = self._blocks.get(block)
+        if state is None:
+            raise ImageError(f"page of unknown RAM block {block!r} at offset {offset:#x}")
+        if offset % length or offset + length > state.entry.used_length:
+            raise ImageError(
+                f"page at offset {offset:#x} of RAM block {block!r} is outside the block "
+                f"(length {state.entry.used_length:#x}) or not page aligned"
+            )
+        return state
+
+    def page(self, block: str, offset: int, data: bytes | memoryview) -> None:
+        """Store a data page; contiguous pages become one write."""
+        page_size = len(data)
+        state = self._locate(block, offset, page_size)
+        index = offset // page_size
+        state.written[index >> 3] |= 1 << (index & 7)
+        d = (state.digest_base + index) * layout.PAGE_DIGEST_SIZE
+        self._digests[d : d + layout.PAGE_DIGEST_SIZE] = layout.page_digest(data)
+        self._append(state.entry.image_offset + offset, data)
+        self.stats.data_pages += 1
+
+    def zero(self, block: str, offset: int, page_size: int) -> None:
+        """A zero page costs no I/O unless this save already wrote data there."""
+        state = self._locate(block, offset, page_size)
+        index = offset // page_size
+        self.stats.zero_pages += 1
+        if state.written[index >> 3] & (1 << (index & 7)):
+            state.written[index >> 3] &= ~(1 << (index & 7)) & 0xFF
+            d = (state.digest_base + index) * layout.PAGE_DIGEST_SIZE
+            self._digests[d : d + layout.PAGE_DIGEST_SIZE] = self._zero_digest
+            self._flush_buffer()
+            self.client.submit_write_zeroes(state.entry.image_offset + offset, page_size)
+
+    def device_state(self, data: bytes | memoryview) -> None:
+        """Append device-state bytes (any chunking); fails before writing past the disk."""
+        if not self._passes & Pass.VMSTATE:
+            raise ImageError("device-state bytes before start_device_state()")
+        n = len(data)
+        end = self._ds.end + n
+        layout.check_fits(end, self.client.size, "the device state")
+        self._ds_hasher.update(data)
+        self._append(self._ds.end, data)
+        self._ds = Region(self._ds.offset, self._ds.length + n)
+        self.stats.device_state_bytes += n
+
+    # -- end ----------------------------------------------------------------------------
+
+    def finish(self, device_sections_length: int | None = None) -> Header:
+        """Write digests, flush, then (only then) the final header; flush again.
+
+        ``device_sections_length``: where EOF + vmdesc start within the device state
+        (required when this pass brought device state).
+        """
+        if self.header is None:
+            raise ImageError("the stream brought neither RAM nor device state")
+        self._flush_buffer()
+        header = self.header
+        if self._passes & Pass.RAM:
+            blocks = []
+            for entry in header.blocks:
+                state = self._blocks[entry.idstr]
+                data_pages = sum(bin(b).count("1") for b in state.written)
+                blocks.append(
+                    replace(
+                        entry,
+                        data_pages=data_pages,
+                        zero_pages=header.page_count(entry) - data_pages,
+                    )
+                )
+            view = memoryview(self._digests)
+            for pos in range(0, len(view), self._max_write):
+                chunk = view[pos : pos + self._max_write]
+                self.client.submit_write(header.digests.offset + pos, chunk)
+            header = header.with_(blocks=tuple(blocks))
+        if self._passes & Pass.VMSTATE:
+            if device_sections_length is None:
+                raise ImageError("device state without its EOF boundary")
+            header = header.with_(
+                device_state=self._ds,
+                device_sections_length=device_sections_length,
+                device_state_digest=self._ds_hasher.digest(),
+            )
+        self.client.drain()
+        self.client.flush()
+        passes = header.passes | self._passes
+        final = ImageState.COMPLETE if passes == ALL_PASSES else ImageState.SAVING
+        header = header.with_(passes=passes, state=final)
+        self.image.write_header(header)
+        self.client.flush()
+        self.header = header
+        if not header.complete:
+            log.info("%s", describe_incomplete(header))
+        return header
