@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import NoReturn
 
 from . import records as r
@@ -160,27 +161,28 @@ class StreamReader:
             self._pos = 0
 
     def records(self) -> Iterator[r.Record]:
-        """Yield every record complete in the bytes fed so far."""
+        """Iterate over every record complete in the bytes fed so far."""
         if self._error is not None:
             raise self._error
-        try:
-            while True:
-                state = self._state
-                if state is _RAM:
-                    yield from self._ram_records()
-                    if self._state is _RAM:
-                        return
-                elif state is _RAW:
-                    yield from self._raw_records()
+        return chain.from_iterable(self._segments())
+
+    def _segments(self) -> Iterator[Iterable[r.Record]]:
+        # RAM records come from one generator per run, chained in C: a generator
+        # layer per record would cost as much as parsing it.
+        while True:
+            state = self._state
+            if state is _RAM:
+                yield self._ram_records()
+                if self._state is _RAM:
                     return
-                else:
-                    rec = self._step()
-                    if rec is None:
-                        return
-                    yield rec
-        except StreamError as err:
-            self._error = err
-            raise
+            elif state is _RAW:
+                yield self._raw_records()
+                return
+            else:
+                rec = self._step()
+                if rec is None:
+                    return
+                yield (rec,)
 
     def close(self) -> None:
         """Declare the end of input; raises StreamError if the stream is incomplete."""
@@ -498,34 +500,37 @@ class StreamReader:
         mask = page_size - 1
         unpack = _BE64.unpack_from
         page_c, zero_c, page, zero = _PAGE_C, _ZERO_C, _PAGE, _ZERO
-        ram_page, ram_zero = r.RamPage, r.RamZero
+        new_page, new_zero = r.new_ram_page, r.new_ram_zero
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
         while True:
-            buf = self._buf
-            pos = self._pos
-            end = len(buf)
             if end - pos < 8:
                 return
             word = unpack(buf, pos)[0]
             flags = word & mask
             addr = word ^ flags
-            if flags in (page_c, zero_c):
+            if flags == page_c or flags == zero_c:  # noqa: SIM109 - no tuple per record
                 blk = self._last_block
                 if blk is None:
                     self._fail("RAM record with CONTINUE but no previous block", self._base + pos)
-                stop = pos + 8 + (page_size if flags == page_c else 1)
-                if stop > end:
-                    return
                 if addr >= blk[1]:
                     self._bad_offset(blk[0], addr, blk[1], pos)
                 if flags == page_c:
+                    stop = pos + 8 + page_size
+                    if stop > end:
+                        return
                     self._pos = stop
-                    yield ram_page(blk[0], addr, buf[pos + 8 : stop], True)
+                    yield new_page(blk[0], addr, buf[pos + 8 : stop], True)
                 else:
+                    stop = pos + 9
+                    if stop > end:
+                        return
                     if buf[pos + 8]:
                         self._bad_fill(buf[pos + 8], pos + 8)
                     self._pos = stop
-                    yield ram_zero(blk[0], addr, True)
-            elif flags in (page, zero):
+                    yield new_zero(blk[0], addr, True)
+            elif flags == page or flags == zero:  # noqa: SIM109
                 if end - pos < 9:
                     return
                 name_end = pos + 9 + buf[pos + 8]
@@ -544,12 +549,12 @@ class StreamReader:
                 self._last_block = blk
                 if flags == page:
                     self._pos = stop
-                    yield ram_page(blk[0], addr, buf[name_end:stop], False)
+                    yield new_page(blk[0], addr, buf[name_end:stop], False)
                 else:
                     if buf[name_end]:
                         self._bad_fill(buf[name_end], name_end)
                     self._pos = stop
-                    yield ram_zero(blk[0], addr, False)
+                    yield new_zero(blk[0], addr, False)
             else:
                 rec = self._ram_other(flags, addr)
                 if rec is None:
@@ -557,6 +562,14 @@ class StreamReader:
                 yield rec
                 if self._state is not _RAM:
                     return
+                stop = self._pos
+            # feed() during iteration replaces the buffer.
+            if self._buf is buf:
+                pos = stop
+            else:
+                buf = self._buf
+                pos = self._pos
+                end = len(buf)
 
     def _bad_offset(self, block: str, addr: int, used_length: int, pos: int) -> NoReturn:
         self._fail(

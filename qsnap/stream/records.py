@@ -6,8 +6,9 @@ Each record holds exactly what is needed to write its bytes back unchanged:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TypeAlias
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, TypeAlias
 
 from .constants import QEVM_VERSION, MigCommand
 
@@ -308,3 +309,41 @@ COMMAND_NUMBERS: dict[type[Command], MigCommand] = {
     RecvBitmap: MigCommand.RECV_BITMAP,
     SwitchoverStart: MigCommand.SWITCHOVER_START,
 }
+
+
+def _fast_factory(cls: type[Any]) -> Callable[..., Any]:
+    """A constructor for a frozen slotted dataclass that skips its ``__init__``.
+
+    The generated ``__init__`` of a frozen dataclass calls ``object.__setattr__``
+    per field, which doubles the cost of a RAM record; the reader builds millions
+    of them, so it stores the fields through the slot descriptors instead. The
+    result is an ordinary instance, equal to one built by ``__init__``.
+    """
+    setters = tuple(getattr(cls, f.name).__set__ for f in fields(cls))
+    new = object.__new__
+    if len(setters) == 3:
+        s0, s1, s2 = setters
+
+        def make3(a: Any, b: Any, c: Any) -> Any:
+            obj = new(cls)
+            s0(obj, a)
+            s1(obj, b)
+            s2(obj, c)
+            return obj
+
+        return make3
+    s0, s1, s2, s3 = setters
+
+    def make4(a: Any, b: Any, c: Any, d: Any) -> Any:
+        obj = new(cls)
+        s0(obj, a)
+        s1(obj, b)
+        s2(obj, c)
+        s3(obj, d)
+        return obj
+
+    return make4
+
+
+new_ram_page: Callable[[str, int, bytes, bool], RamPage] = _fast_factory(RamPage)
+new_ram_zero: Callable[[str, int, bool], RamZero] = _fast_factory(RamZero)
