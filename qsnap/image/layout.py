@@ -53,6 +53,11 @@ class Pass(IntFlag):
 ALL_PASSES = Pass.RAM | Pass.VMSTATE
 
 
+def pass_names(passes: Pass) -> list[str]:
+    """``["ram", "vmstate"]`` for the parts set in ``passes``."""
+    return [name for part, name in ((Pass.RAM, "ram"), (Pass.VMSTATE, "vmstate")) if passes & part]
+
+
 class DigestAlgorithm(IntEnum):
     NONE = 0
     BLAKE2B_64 = 1  # hashlib.blake2b(page, digest_size=8) per page

@@ -245,10 +245,5 @@ class SnapshotImage:
 
 
 def describe_incomplete(header: Header) -> str:
-    missing = []
-    if header.missing & layout.Pass.RAM:
-        missing.append("RAM")
-    if header.missing & layout.Pass.VMSTATE:
-        missing.append("device state (vmstate)")
-    what = " and ".join(missing) or "nothing"
+    what = " and ".join(layout.pass_names(header.missing)) or "nothing"
     return f"incomplete image: save did not finish (missing: {what})"
