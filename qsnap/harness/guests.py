@@ -119,6 +119,18 @@ class LinuxGuest:
         vm.add_args(*self.qemu_args())
         return socket_path
 
+    def boot(self, vm: VM, timeout: float = 120.0) -> AgentClient:
+        """Configure and launch `vm`, wait for the agent's ready line; return its client."""
+        socket_path = self.configure(vm)
+        vm.launch()
+        agent = AgentClient.connect(socket_path, timeout=min(timeout, 30.0))
+        try:
+            agent.wait_ready(timeout)
+        except AgentError as exc:
+            agent.close()
+            raise AgentError(f"{exc}\n{vm.diagnostics()}") from None
+        return agent
+
 
 @dataclass(frozen=True, slots=True)
 class PatternGuest:
