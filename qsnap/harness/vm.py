@@ -15,6 +15,7 @@ import enum
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -520,6 +521,41 @@ class VM:
                     + self.diagnostics()
                 )
             time.sleep(poll)
+
+    def background_snapshot(self, uri: str, timeout: float) -> MigrationResult:
+        """Migrate with the background-snapshot capability to `uri` and wait for the end.
+
+        Unlike a plain migration, the VM keeps (or returns to) its run state afterwards, so
+        it can be snapshotted again; this checks that it did. The capability is restored
+        to its previous value. Raises `VMError` with QEMU's error-desc on failure.
+        """
+        before = self.runstate()
+        had = self.migration_capabilities().get("background-snapshot")
+        if had is None:
+            raise VMError(f"{self.name}: QEMU has no background-snapshot capability")
+        if not had:
+            self.set_migration_capabilities({"background-snapshot": True})
+        try:
+            self.migrate(uri)
+            result = self.wait_migration(timeout)
+        finally:
+            if not had and self.is_running():
+                self.set_migration_capabilities({"background-snapshot": False})
+        if not result.ok:
+            raise VMError(f"{self.name}: background snapshot to {uri}: {result}")
+        after = self.runstate()
+        if after is not before:
+            raise VMError(
+                f"{self.name}: run state {before.value} became {after.value} "
+                "after a background snapshot"
+            )
+        return result
+
+    def background_snapshot_to_file(
+        self, path: str | os.PathLike[str], timeout: float
+    ) -> MigrationResult:
+        """`background_snapshot` into a file, through `exec:cat > PATH`."""
+        return self.background_snapshot(f"exec:cat > {shlex.quote(os.fspath(path))}", timeout)
 
 
 def launch_vm(**kwargs: Any) -> VM:
