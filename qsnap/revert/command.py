@@ -1,0 +1,142 @@
+"""The ``qsnap revert`` subcommand: arguments, wiring, and the user-facing outcome.
+
+QEMU runs it as ``migrate_incoming "exec:qsnap revert IMAGE"``: the stream goes to
+stdout, QEMU's return path arrives on stdin.  The return path is used only when stdin is
+a pipe or socket (as under QEMU) and ``--no-return-path`` is not given, so that
+``qsnap revert IMAGE > FILE < /dev/null`` captures a plain precopy stream (without
+OPEN_RETURN_PATH) and exits as soon as it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import stat
+import sys
+
+from qsnap.image.errors import ImageError
+from qsnap.image.snapshot import SnapshotImage
+from qsnap.image.spec import parse_spec
+from qsnap.revert.errors import RevertError
+from qsnap.revert.postcopy import PostcopySender
+from qsnap.revert.precopy import revert_precopy
+from qsnap.revert.return_path import ReturnPath
+from qsnap.revert.session import AbortCheck, RevertOptions, Terminated, sigterm_raises
+from qsnap.revert.sink import StreamSink
+from qsnap.revert.source import ImageSource
+from qsnap.revert.stats import RevertStats
+
+log = logging.getLogger(__name__)
+
+PROG = "qsnap revert"
+
+
+def _percent(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--postcopy={text}: not a number") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"--postcopy={text}: must be 0..100")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``qsnap revert`` (also used by the ``qemu-snapshot --revert`` syntax)."""
+    parser.add_argument("image", metavar="IMAGE", help="blockdev spec of the snapshot image")
+    parser.add_argument(
+        "--postcopy",
+        metavar="PCT",
+        nargs="?",
+        const=0,
+        default=None,
+        type=_percent,
+        help="postcopy revert; first send PCT %% of the data pages by precopy (default 0)",
+    )
+    parser.add_argument(
+        "--no-return-path",
+        action="store_true",
+        help="do not open QEMU's return path (precopy only; implied when stdin is not a pipe)",
+    )
+    parser.add_argument("--progress", action="store_true", help="progress lines on stderr")
+    parser.add_argument("--json", action="store_true", help="summary as JSON on stderr")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long QEMU may stall or take to report the outcome (default 60)",
+    )
+
+
+def _stdin_is_channel() -> bool:
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def revert(args: argparse.Namespace) -> RevertStats:
+    """Run the revert described by ``args``; RevertError or ImageError on failure."""
+    if os.isatty(1):
+        raise RevertError("stdout is a terminal: run this from QEMU (exec:) or redirect it")
+    postcopy = args.postcopy is not None
+    use_rp = not args.no_return_path and _stdin_is_channel()
+    if postcopy and not use_rp:
+        raise RevertError("--postcopy needs QEMU's return path on stdin (a pipe)")
+    options = RevertOptions(
+        postcopy_pct=args.postcopy,
+        shut_timeout=args.timeout,
+        stall_timeout=args.timeout,
+        progress=args.progress,
+    )
+    source = ImageSource(SnapshotImage.open(parse_spec(args.image)))
+    try:
+        rp = ReturnPath(0) if use_rp else None
+        sink = StreamSink(1, options.stall_timeout, AbortCheck(rp))
+        try:
+            if postcopy:
+                assert rp is not None
+                sender = PostcopySender(source, sink, rp, options)
+                rp.start()
+                return sender.run()
+            if rp is not None:
+                rp.start()
+            return revert_precopy(source, sink, rp, options)
+        finally:
+            sink.close()
+    finally:
+        source.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of the subcommand: one summary or error line on stderr, exit status."""
+    try:
+        with sigterm_raises():
+            stats = revert(args)
+    except (RevertError, ImageError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Terminated:
+        print(f"{PROG}: error: terminated by SIGTERM", file=sys.stderr, flush=True)
+        return 1
+    if args.json:
+        print(json.dumps({"status": "ok", **stats.as_dict()}), file=sys.stderr, flush=True)
+    else:
+        print(f"{PROG}: {stats.summary()}", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qsnap.revert.command``: the subcommand on its own (until cli.py has it)."""
+    parser = argparse.ArgumentParser(prog=PROG)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""``qsnap revert --postcopy[=PCT]``: the source side of a postcopy migration.
+
+Stream, in the order QEMU 10.0's own source uses (migration.c migration_thread and
+postcopy_start): saved prologue, OPEN_RETURN_PATH, PING 1, POSTCOPY_ADVISE (OR of the
+blocks' page sizes, target page size), saved RAM START, PART sections of the optional
+precopy phase, PING 2, PACKAGED{LISTEN, device sections without EOF/vmdesc, PING 3, RUN},
+PING 4, PART sections of requested and background pages, RAM END (EOS), EOF.
+
+No POSTCOPY_RAM_DISCARD: QEMU discards pages sent in precopy that were dirtied since;
+a snapshot never changes, and ADVISE has already discarded all of the destination's RAM.
+Since the destination may place each host page only once after LISTEN (a second copy is
+EEXIST and pauses postcopy), the scheduler's sent map is the single authority.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import struct
+import time
+
+from qsnap.revert.errors import RevertError
+from qsnap.revert.precopy import opening
+from qsnap.revert.ram_sections import RamSectionWriter
+from qsnap.revert.return_path import ReturnPath
+from qsnap.revert.scheduler import BlockGeometry, PageScheduler, Run
+from qsnap.revert.session import AbortCheck, RevertOptions, finish
+from qsnap.revert.sink import Buffer, StreamSink
+from qsnap.revert.source import HOST_PAGE_SIZE, RevertSource, geometry
+from qsnap.revert.stats import Progress, RevertStats
+from qsnap.stream import records
+from qsnap.stream.constants import MigCommand, SectionType
+from qsnap.stream.writer import encode
+
+log = logging.getLogger(__name__)
+
+MAX_PACKAGED_SIZE = 1 << 24
+"""``MAX_VM_CMD_PACKAGED_SIZE``: the destination refuses a larger package."""
+
+_SLICE_BYTES = 64 << 10
+"""Background data goes out in slices this big, with requests served in between."""
+
+_LISTEN = encode(records.PostcopyListen())
+_RUN = encode(records.PostcopyRun())
+_PACKAGED_HEAD = struct.Struct(">BHHI")
+
+
+def check_postcopy(source: RevertSource, blocks: list[BlockGeometry]) -> None:
+    """Refuse, before anything is sent, what a postcopy destination could not load."""
+    for block, saved in zip(blocks, source.blocks, strict=True):
+        if block.host_page_size != max(HOST_PAGE_SIZE, source.target_page_size):
+            raise RevertError(
+                f"RAM block {saved.name!r} uses {block.host_page_size}-byte pages: postcopy "
+                "revert of hugepage-backed blocks is not supported (the saved RAM setup "
+                "record carries no page sizes, which a postcopy destination would expect)"
+            )
+    size = package_size(source)
+    if size > MAX_PACKAGED_SIZE:
+        raise RevertError(
+            f"device state of {source.device_sections_length} bytes does not fit in a "
+            f"postcopy package (at most {MAX_PACKAGED_SIZE} bytes)"
+        )
+
+
+def package_size(source: RevertSource) -> int:
+    """Bytes inside PACKAGED: LISTEN, device sections, PING 3, RUN."""
+    return len(_LISTEN) + source.device_sections_length + len(_ping(3)) + len(_RUN)
+
+
+def _ping(value: int) -> bytes:
+    return encode(records.Ping(value))
+
+
+class PostcopySender:
+    """Runs one postcopy revert; ``run()`` returns the statistics or raises RevertError."""
+
+    def __init__(
+        self,
+        source: RevertSource,
+        sink: StreamSink,
+        rp: ReturnPath,
+        options: RevertOptions,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.rp = rp
+        self.options = options
+        self.stats = RevertStats()
+        self.blocks = geometry(source)
+        check_postcopy(source, self.blocks)
+        self.tps = source.target_page_size
+        self.scheduler = PageScheduler(
+            self.blocks, [source.zero_extents(b.name) for b in self.blocks]
+        )
+        self.ram = RamSectionWriter(
+            sink, source.ram_section_id, self.tps, self.stats, options.part_bytes
+        )
+        self.abort = AbortCheck(rp)
+        self.progress = Progress(sum(b.length for b in self.blocks) // self.tps, options.progress)
+        self._current: tuple[Run, bytes] | None = None
+
+    def _pages(self, run: Run) -> int:
+        return run.count * self.blocks[run.block].host_page_size // self.tps
+
+    def _write(self, run: Run, data: bytes | None) -> None:
+        """Encode ``run`` (``data`` None for a zero run) and mark it sent."""
+        block = self.blocks[run.block]
+        offset = run.first * block.host_page_size
+        if data is None:
+            self.ram.zeros(block.name, offset, self._pages(run))
+        else:
+            self.ram.pages(block.name, offset, data)
+        self.scheduler.mark_sent(run)
+
+    def _data(self, run: Run) -> bytes:
+        """The data of ``run``: from the read-ahead buffer when it holds it, else read."""
+        block = self.blocks[run.block]
+        hps = block.host_page_size
+        if self._current is not None:
+            have, data = self._current
+            if (
+                have.block == run.block
+                and have.first <= run.first
+                and (run.first + run.count <= have.first + have.count)
+            ):
+                start = (run.first - have.first) * hps
+                return data[start : start + run.count * hps]
+        return self.source.read(block.name, run.first * hps, run.count * hps)
+
+    def _send_run(self, run: Run) -> None:
+        self._write(run, None if run.zero else self._data(run))
+
+    def serve_requests(self) -> None:
+        """Send every pending requested page at once, before any background page."""
+        served = False
+        while True:
+            try:
+                request = self.rp.requests.get_nowait()
+            except queue.Empty:
+                break
+            self.stats.requests += 1
+            runs = self.scheduler.request(request.block, request.offset, request.length)
+            if not runs:
+                self.stats.ignored_requests += 1
+                continue
+            for run in runs:
+                self._send_run(run)
+                self.stats.request_pages += self._pages(run)
+            self.ram.push()
+            served = True
+            self.stats.latencies_ns.append(time.monotonic_ns() - request.received_ns)
+        if served:
+            log.debug("served requests, %d pages left", self.scheduler.remaining)
+
+    def _background_step(self, max_bytes: int) -> int:
+        """Send the next slice of background pages; returns the target pages sent."""
+        if self._current is None:
+            run = self.scheduler.next_run(max_bytes)
+            if run is None:
+                return 0
+            if run.zero:
+                self._write(run, None)
+                return self._pages(run)
+            block = self.blocks[run.block]
+            hps = block.host_page_size
+            data = self.source.read(block.name, run.first * hps, run.count * hps)
+            self._current = (run, data)
+        have, _ = self._current
+        hps = self.blocks[have.block].host_page_size
+        slice_pages = max(1, _SLICE_BYTES // hps)
+        pending = self.scheduler.unsent(have)
+        if not pending:
+            self._current = None
+            return 0
+        first = pending[0]
+        piece = Run(first.block, first.first, min(first.count, slice_pages), first.zero)
+        self._send_run(piece)
+        if piece.first + piece.count >= have.first + have.count:
+            self._current = None
+        return self._pages(piece)
+
+    def _precopy_phase(self) -> None:
+        pct = self.options.postcopy_pct or 0
+        target = -(-self.scheduler.data_pages * pct // 100)
+        sent_data = 0
+        smallest = min(b.host_page_size for b in self.blocks)
+        while sent_data < target:
+            wanted = (target - sent_data) * smallest
+            run = self.scheduler.next_run(min(self.options.read_bytes, wanted))
+            if run is None:
+                break
+            self._send_run(run)
+            self.stats.precopy_pages += self._pages(run)
+            if not run.zero:
+                sent_data += run.count
+            self.progress.update(self.stats)
+            self.abort.check()
+        self.ram.close_section()
+
+    def _package(self) -> None:
+        """PACKAGED{LISTEN, device sections, PING 3, RUN}, streamed from the image."""
+        size = package_size(self.source)
+        head = _PACKAGED_HEAD.pack(SectionType.COMMAND, MigCommand.PACKAGED, 4, size)
+        self.sink.write([_ping(2), head, _LISTEN])
+        self.stats.listen_ns = self.stats.mark()
+        sent = 0
+        for chunk in self.source.device_state(sections_only=True):
+            self.sink.write([chunk])
+            sent += len(chunk)
+        if sent != self.source.device_sections_length:
+            raise RevertError(
+                f"image device state: read {sent} bytes of device sections, "
+                f"expected {self.source.device_sections_length}"
+            )
+        self.sink.write([_ping(3), _RUN])
+        self.stats.run_ns = self.stats.mark()
+        self.sink.write([_ping(4)])
+
+    def run(self) -> RevertStats:
+        advise = records.PostcopyAdvise(
+            ram_pagesize_summary=self._pagesize_summary(), target_page_size=self.tps
+        )
+        self.sink.write([*opening(self.source, True), encode(advise), self.source.ram_start])
+        self._precopy_phase()
+        self._package()
+        while self.scheduler.remaining:
+            self.serve_requests()
+            self.stats.background_pages += self._background_step(self.options.postcopy_read_bytes)
+            self.progress.update(self.stats)
+            self.abort.check()
+        self.serve_requests()
+        tail: list[Buffer] = [*self.ram.end_section(), encode(records.Eof())]
+        finish(self.source, self.sink, self.rp, tail, self.options)
+        self.stats.bytes_written = self.sink.bytes_written
+        self.stats.end_ns = self.stats.mark()
+        return self.stats
+
+    def _pagesize_summary(self) -> int:
+        summary = 0
+        for block in self.blocks:
+            summary |= block.host_page_size
+        return summary

@@ -1,0 +1,105 @@
+"""``qsnap revert``: the whole snapshot as one precopy stream.
+
+Stream: saved prologue, OPEN_RETURN_PATH + PING (when QEMU can answer), the saved RAM
+START section, PART sections with every page once (zero extents without reading, data in
+large pipelined reads), the saved device state (sections, EOF, vmdesc) as QEMU's own
+source ends a stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from qsnap.revert.ram_sections import RamSectionWriter
+from qsnap.revert.return_path import ReturnPath
+from qsnap.revert.scheduler import PageScheduler, Run
+from qsnap.revert.session import AbortCheck, RevertOptions, finish
+from qsnap.revert.sink import Buffer, StreamSink
+from qsnap.revert.source import RevertSource, geometry
+from qsnap.revert.stats import Progress, RevertStats
+from qsnap.stream import records
+from qsnap.stream.writer import encode
+
+log = logging.getLogger(__name__)
+
+
+def opening(source: RevertSource, with_return_path: bool) -> list[bytes]:
+    """Prologue, then OPEN_RETURN_PATH and PING 1 as QEMU's migration thread sends them."""
+    parts = [source.prologue]
+    if with_return_path:
+        parts += [encode(records.OpenReturnPath()), encode(records.Ping(1))]
+    return parts
+
+
+def all_runs(scheduler: PageScheduler, max_bytes: int) -> list[Run]:
+    """Every page in block order, as runs of at most ``max_bytes``."""
+    runs = []
+    while (run := scheduler.next_run(max_bytes)) is not None:
+        scheduler.mark_sent(run)
+        runs.append(run)
+    return runs
+
+
+def device_state_split(source: RevertSource) -> tuple[Iterator[bytes], list[Buffer]]:
+    """The device state as (chunks to send now, last chunk held back until the end)."""
+    chunks = source.device_state(sections_only=False)
+    held: list[Buffer] = []
+
+    def ahead() -> Iterator[bytes]:
+        previous: bytes | None = None
+        for chunk in chunks:
+            if previous is not None:
+                yield previous
+            previous = chunk
+        if previous is not None:
+            held.append(previous)
+
+    return ahead(), held
+
+
+def revert_precopy(
+    source: RevertSource,
+    sink: StreamSink,
+    rp: ReturnPath | None,
+    options: RevertOptions,
+) -> RevertStats:
+    """Send the snapshot; return the statistics once QEMU accepted it (or RevertError)."""
+    stats = RevertStats()
+    blocks = geometry(source)
+    scheduler = PageScheduler(blocks, [source.zero_extents(b.name) for b in blocks])
+    tps = source.target_page_size
+    progress = Progress(sum(b.length for b in blocks) // tps, options.progress)
+    abort = AbortCheck(rp)
+    ram = RamSectionWriter(sink, source.ram_section_id, tps, stats, options.part_bytes)
+
+    sink.write([*opening(source, rp is not None), source.ram_start])
+    runs = all_runs(scheduler, options.read_bytes)
+    reads = source.read_many(
+        (
+            blocks[r.block].name,
+            r.first * blocks[r.block].host_page_size,
+            r.count * blocks[r.block].host_page_size,
+        )
+        for r in runs
+        if not r.zero
+    )
+    for run in runs:
+        block = blocks[run.block]
+        offset = run.first * block.host_page_size
+        if run.zero:
+            ram.zeros(block.name, offset, run.count * block.host_page_size // tps)
+        else:
+            ram.pages(block.name, offset, next(reads))
+        progress.update(stats)
+        abort.check()
+    ram.close_section()
+    stats.bytes_written = sink.bytes_written
+
+    ahead, held = device_state_split(source)
+    for chunk in ahead:
+        sink.write([chunk])
+    finish(source, sink, rp, held, options)
+    stats.bytes_written = sink.bytes_written
+    stats.end_ns = stats.mark()
+    return stats

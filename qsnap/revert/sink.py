@@ -1,0 +1,89 @@
+"""Writing the generated stream to QEMU without ever blocking for good.
+
+A QEMU that stops reading (dead, or postcopy paused) must not leave qsnap stuck in a
+write: the pipe is switched to non-blocking mode and every wait for room is a ``poll``
+with a stall timeout, during which ``abort_check`` may report that the destination has
+already given up (SHUT or end of the return path).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import stat
+import time
+from collections.abc import Callable, Sequence
+
+from qsnap.revert.errors import RevertError
+
+Buffer = bytes | memoryview
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+_POLL_SLICE_MS = 100
+
+
+class StreamSink:
+    """Gathered writes (``writev``) of stream pieces to one file descriptor."""
+
+    def __init__(
+        self,
+        fd: int,
+        stall_timeout: float = 60.0,
+        abort_check: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.fd = fd
+        self.stall_timeout = stall_timeout
+        self.abort_check = abort_check
+        self.bytes_written = 0
+        mode = os.fstat(fd).st_mode
+        self._pollable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        self._blocking = os.get_blocking(fd)
+        if self._pollable:
+            os.set_blocking(fd, False)
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLOUT)
+
+    def close(self) -> None:
+        """Give the descriptor its blocking mode back (it is not closed)."""
+        if self._pollable:
+            os.set_blocking(self.fd, self._blocking)
+
+    def _wait_writable(self) -> None:
+        deadline = time.monotonic() + self.stall_timeout
+        while True:
+            events = self._poll.poll(_POLL_SLICE_MS)
+            if events:
+                if events[0][1] & (select.POLLERR | select.POLLHUP):
+                    raise RevertError("QEMU closed the migration stream (its end of the pipe)")
+                return
+            if self.abort_check is not None:
+                reason = self.abort_check()
+                if reason is not None:
+                    raise RevertError(reason)
+            if time.monotonic() > deadline:
+                raise RevertError(f"QEMU has read nothing for {self.stall_timeout:g} s; giving up")
+
+    def write(self, parts: Sequence[Buffer]) -> None:
+        """Write every byte of ``parts`` in order."""
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            try:
+                done = os.writev(self.fd, views[:_IOV_MAX])
+            except BlockingIOError:
+                self._wait_writable()
+                continue
+            except BrokenPipeError:
+                raise RevertError("QEMU closed the migration stream (broken pipe)") from None
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise RevertError(f"writing the migration stream: {exc.strerror}") from None
+            self.bytes_written += done
+            skip = 0
+            while skip < len(views) and done >= len(views[skip]):
+                done -= len(views[skip])
+                skip += 1
+            del views[:skip]
+            if done:
+                views[0] = views[0][done:]

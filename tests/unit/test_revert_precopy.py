@@ -1,0 +1,117 @@
+"""Precopy revert streams generated from an in-memory image, parsed back with the codec."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from revert_memory import MemorySource
+
+from qsnap.revert.precopy import revert_precopy
+from qsnap.revert.session import RevertOptions
+from qsnap.revert.sink import StreamSink
+from qsnap.stream import StreamReader
+from qsnap.stream import records as r
+
+PAGE = 4096
+
+
+def run_precopy(source: MemorySource, options: RevertOptions) -> bytes:
+    """Revert into a pipe (as under QEMU, without return path) and return the bytes."""
+    rfd, wfd = os.pipe()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while data := os.read(rfd, 1 << 20):
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    sink = StreamSink(wfd, stall_timeout=10)
+    try:
+        revert_precopy(source, sink, None, options)
+    finally:
+        sink.close()
+        os.close(wfd)
+        reader.join(10)
+        os.close(rfd)
+    return b"".join(chunks)
+
+
+def parse(stream: bytes) -> list[r.Record]:
+    reader = StreamReader()
+    reader.feed(stream)
+    out = list(reader.records())
+    reader.close()
+    return out
+
+
+@st.composite
+def images(draw: st.DrawFn) -> MemorySource:
+    """1-3 blocks of 1-40 pages: zero pages (some in declared zero extents), data pages."""
+    blocks = []
+    zero: dict[str, list[tuple[int, int]]] = {}
+    for i in range(draw(st.integers(1, 3))):
+        kinds = draw(st.lists(st.sampled_from("dzx"), min_size=1, max_size=40))
+        name = ("pc.ram", "vga.vram", "pc.bios")[i]
+        data = bytearray()
+        for index, kind in enumerate(kinds):
+            if kind == "d":
+                data += bytes([index % 251 + 1, i]) * (PAGE // 2)
+            else:
+                data += bytes(PAGE)
+            if kind == "x":
+                zero.setdefault(name, []).append((index * PAGE, PAGE))
+        blocks.append((name, bytes(data)))
+    return MemorySource(blocks, zero)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    source=images(),
+    read_kib=st.sampled_from([4, 12, 64, 1024]),
+    part_kib=st.sampled_from([4, 40, 1024]),
+)
+def test_every_page_once_with_saved_pieces(
+    source: MemorySource, read_kib: int, part_kib: int
+) -> None:
+    stream = run_precopy(
+        source, RevertOptions(read_bytes=read_kib << 10, part_bytes=part_kib << 10)
+    )
+    assert stream.startswith(source.prologue + source.ram_start)
+    assert stream.endswith(source.device)
+    records = parse(stream)
+    seen: dict[tuple[str, int], bytes] = {}
+    part_sizes: list[int] = []
+    for rec in records:
+        if isinstance(rec, (r.RamPage, r.RamZero)):
+            key = (rec.block, rec.offset)
+            assert key not in seen, f"page {key} sent twice"
+            seen[key] = rec.data if isinstance(rec, r.RamPage) else bytes(PAGE)
+            part_sizes[-1] += 1
+        elif isinstance(rec, r.SectionPart):
+            assert rec.section_id == source.ram_section_id
+            part_sizes.append(0)
+        assert not isinstance(rec, r.Command), "no command without a return path"
+    expected = {
+        (name, off): data[off : off + PAGE]
+        for name, data in source.data.items()
+        for off in range(0, len(data), PAGE)
+    }
+    assert seen == expected
+    assert source.read_zero_pages() == []
+    assert all(0 < n <= part_kib * 1024 // 9 + 1 for n in part_sizes)
+
+
+def test_zero_pages_are_zero_records() -> None:
+    data = bytes(PAGE) + b"\x07" * PAGE + bytes(PAGE)
+    source = MemorySource([("pc.ram", data)], {"pc.ram": [(2 * PAGE, PAGE)]})
+    kinds = [
+        (type(rec).__name__, rec.offset)
+        for rec in parse(run_precopy(source, RevertOptions()))
+        if isinstance(rec, (r.RamPage, r.RamZero))
+    ]
+    assert kinds == [("RamZero", 0), ("RamPage", PAGE), ("RamZero", 2 * PAGE)]
+    assert source.reads == [("pc.ram", 0, 2 * PAGE)]
