@@ -64,13 +64,19 @@ class DeviceStateEndTracker:
         self.offset += len(data)
 
     def end(self) -> DeviceStateEnd | None:
-        """The boundary, or None if the bytes fed do not end with EOF [+ vmdesc]."""
+        """The boundary, or None if the bytes fed do not end with EOF [+ vmdesc].
+
+        A vmdesc header is accepted only if no NUL byte follows its length field.
+        The one ambiguous ending, ``00 06 00000000``, reads as an empty vmdesc.
+        """
         total = self.offset
-        for pos, head in self._candidates:
+        candidates = self._candidates
+        for i, (pos, head) in enumerate(candidates):
             if (
                 len(head) == _HEAD
                 and head[1] == SectionType.VMDESCRIPTION
                 and struct.unpack_from(">I", head, 2)[0] == total - pos - _HEAD
+                and all(later <= pos + _HEAD - 1 for later, _ in candidates[i + 1 :])
             ):
                 return DeviceStateEnd(pos, total - pos - _HEAD)
         if self._last_byte == SectionType.EOF:

@@ -139,6 +139,11 @@ class StreamReader:
         return self._base + self._pos
 
     @property
+    def buffered(self) -> int:
+        """Bytes fed but not yet returned as records (bounded: see the module)."""
+        return len(self._buf) - self._pos + sum(len(c) for c in self._raw_pending)
+
+    @property
     def raw(self) -> bool:
         """Whether the reader is passing the device state through."""
         return self._state is _RAW
