@@ -239,6 +239,10 @@ class NbdClient:
                 n = self._sock.recv_into(view)
             except TimeoutError:
                 raise NbdError("NBD server did not answer in time") from None
+            except ConnectionResetError:
+                n = 0
+            except OSError as exc:
+                raise NbdError(f"NBD receive failed: {exc.strerror or exc}") from None
             if n == 0:
                 raise NbdError("NBD server closed the connection")
             view = view[n:]
