@@ -23,7 +23,7 @@ from qsnap.revert.errors import RevertError
 from qsnap.revert.postcopy import PostcopySender
 from qsnap.revert.precopy import revert_precopy
 from qsnap.revert.return_path import ReturnPath
-from qsnap.revert.session import AbortCheck, RevertOptions, Terminated, sigterm_raises
+from qsnap.revert.session import AbortCheck, RevertOptions, Terminated, revert_signals
 from qsnap.revert.sink import StreamSink
 from qsnap.revert.source import ImageSource
 from qsnap.revert.stats import RevertStats
@@ -115,7 +115,7 @@ def revert(args: argparse.Namespace) -> RevertStats:
 def run(args: argparse.Namespace) -> int:
     """Entry point of the subcommand: one summary or error line on stderr, exit status."""
     try:
-        with sigterm_raises():
+        with revert_signals():
             stats = revert(args)
     except (RevertError, ImageError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)

@@ -47,17 +47,23 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into ``Terminated`` for the duration of a revert."""
+def revert_signals() -> Iterator[None]:
+    """For the duration of a revert: SIGTERM raises ``Terminated``, SIGPIPE is ignored.
+
+    With SIGPIPE ignored a vanished QEMU shows up as EPIPE on the write that found it,
+    which the sink reports as such.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous_term = signal.signal(signal.SIGTERM, handler)
+    previous_pipe = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGPIPE, previous_pipe)
 
 
 class AbortCheck:
