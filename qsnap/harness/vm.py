@@ -273,7 +273,10 @@ class VM:
         try:
             self._qmp.connect(os.fspath(self.qmp_socket), max(1.0, deadline - time.monotonic()))
         except (QMPTimeout, QMPConnectionError) as exc:
-            self._fail_launch(str(exc))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(1.0)
+            exited = "QEMU exited during start-up: " if self._proc.poll() is not None else ""
+            self._fail_launch(f"{exited}{exc}")
         return self
 
     def _fail_launch(self, what: str) -> NoReturn:
@@ -386,6 +389,7 @@ class VM:
         A `str` is matched literally, a compiled pattern as a regular expression.
         """
         regex = re.compile(re.escape(pattern)) if isinstance(pattern, str) else pattern
+        shown = pattern if isinstance(pattern, str) else pattern.pattern
         deadline = time.monotonic() + timeout
         while True:
             exited = not self.is_running()
@@ -394,12 +398,12 @@ class VM:
                 return found
             if exited:
                 raise VMError(
-                    f"{self.name}: QEMU exited before console showed {regex.pattern!r}\n"
+                    f"{self.name}: QEMU exited before console showed {shown!r}\n"
                     + self.diagnostics()
                 )
             if time.monotonic() > deadline:
                 raise VMTimeout(
-                    f"{self.name}: console did not show {regex.pattern!r} within {timeout:g} s\n"
+                    f"{self.name}: console did not show {shown!r} within {timeout:g} s\n"
                     + self.diagnostics()
                 )
             time.sleep(0.05)
