@@ -8,6 +8,7 @@ which qsnap and its harness find the very same binaries.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 IOTESTS_DIR = Path(__file__).resolve().parent.parent
+REPO_VENV_PYTHON = IOTESTS_DIR.parent / ".venv" / "bin" / "python"
 PROBE_TIMEOUT = 60.0
 QEMU_OPTIONS = "-nodefaults -display none -accel tcg"
 
@@ -91,6 +93,17 @@ def default_machine(qemu: str) -> str:
     return alias.split(" ", 1)[0] if alias and default else default
 
 
+def test_python() -> str:
+    """The interpreter tests run under: one where qsnap is installed.
+
+    This one if qsnap is importable here, else the repository's .venv, so that
+    ``./iotests/check`` or a test started by avocado works from any Python.
+    """
+    if importlib.util.find_spec("qsnap") is None and REPO_VENV_PYTHON.is_file():
+        return str(REPO_VENV_PYTHON)
+    return sys.executable
+
+
 @dataclass(frozen=True)
 class SuiteEnvironment:
     """Variables shared by all tests, and where each test gets its own directories."""
@@ -140,9 +153,10 @@ def build(
     imgproto: str = "file",
     aiomode: str = "threads",
     cachemode: str = "writeback",
-    python: str = sys.executable,
+    python: str | None = None,
 ) -> SuiteEnvironment:
     """The environment QEMU's check would set up for these binaries and options."""
+    python = python or test_python()
     test_root.mkdir(parents=True, exist_ok=True)
     sock_root.mkdir(parents=True, exist_ok=True)
     io_options = f"--cache {cachemode} --aio {aiomode}"
