@@ -134,6 +134,10 @@ class StorageDaemon:
             return ""
         return _one_line(text) or "qemu-storage-daemon exited without a message"
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -1,0 +1,123 @@
+"""The NBD client and SnapshotImage against a real qemu-storage-daemon (qcow2, 1 MiB clusters)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qsnap.image.daemon import StorageDaemon
+from qsnap.image.errors import ImageError, NbdError, NotAnImage
+from qsnap.image.nbd import AllocFlag, NbdClient, StatusExtent
+from qsnap.image.snapshot import SnapshotImage
+from qsnap.image.spec import parse_spec
+
+pytestmark = pytest.mark.qemu
+
+MiB = 1 << 20
+
+
+def qcow2(path: Path, size: int) -> Path:
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+         "cluster_size=1M,preallocation=off,refcount_bits=8", str(path), str(size)],
+        check=True, timeout=30,
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[NbdClient]:
+    spec = parse_spec(str(qcow2(tmp_path / "a.qcow2", 64 * MiB)))
+    with StorageDaemon(spec, writable=True) as d, NbdClient.connect(d.socket_path, "qsnap") as c:
+        yield c
+
+
+def test_pipelined_writes_then_reads_round_trip(client: NbdClient) -> None:
+    assert client.size == 64 * MiB
+    assert not client.read_only
+    cookies = [client.submit_write(i * MiB, bytes([i + 1]) * MiB) for i in range(12)]
+    assert client.in_flight <= client.window
+    for cookie in cookies:
+        client.wait(cookie)
+    reads = {i: client.submit_read(i * MiB + 4096, 8192) for i in range(12)}
+    for i, cookie in reversed(reads.items()):
+        assert client.wait_read(cookie) == bytes([i + 1]) * 8192
+    client.flush()
+
+
+def test_zeroes_trim_and_block_status(client: NbdClient) -> None:
+    client.write(0, b"\xaa" * (4 * MiB))
+    client.write_zeroes(MiB, MiB)  # may trim: cluster becomes a zero cluster
+    client.write_zeroes(2 * MiB, MiB, may_trim=False)
+    client.trim(3 * MiB, MiB)
+    client.flush()
+    assert client.read(MiB, MiB) == bytes(MiB)
+    assert client.read(2 * MiB, MiB) == bytes(MiB)
+    assert client.read(0, 16) == b"\xaa" * 16
+    extents = list(client.iter_block_status(0, 64 * MiB))
+    assert extents[0] == StatusExtent(0, MiB, AllocFlag.NONE)
+    assert extents[1].offset == MiB and extents[1].flags & AllocFlag.ZERO
+    assert sum(e.length for e in extents) == 64 * MiB
+    tail = [e for e in extents if e.offset >= 4 * MiB]
+    assert all(e.flags & AllocFlag.ZERO for e in tail)
+
+
+def test_unaligned_small_io_and_sparse_read(client: NbdClient) -> None:
+    client.write(5 * MiB + 100, b"hello")
+    data = client.read(5 * MiB, 2 * MiB)  # second MiB is a hole: OFFSET_HOLE chunk
+    assert data[100:105] == b"hello"
+    assert data.count(0) == 2 * MiB - 5
+
+
+def test_read_only_export_surfaces_the_server_error(tmp_path: Path) -> None:
+    spec = parse_spec(str(qcow2(tmp_path / "ro.qcow2", 8 * MiB)))
+    with StorageDaemon(spec, writable=False) as d, NbdClient.connect(d.socket_path, "qsnap") as c:
+        assert c.read_only
+        with pytest.raises(NbdError, match=r"NBD WRITE at 0x0\+0x1000: .*read-only"):
+            c.write(0, bytes(4096))
+        assert c.read(0, 4096) == bytes(4096)
+
+
+def test_daemon_error_reaches_the_user_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.qcow2"
+    with pytest.raises(ImageError) as info, StorageDaemon(parse_spec(str(missing)), writable=True):
+        pass
+    assert str(info.value) == (
+        f"cannot open image '{missing}': Could not open '{missing}': No such file or directory"
+    )
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(bytes(MiB))
+    with pytest.raises(ImageError) as info:
+        SnapshotImage.open(str(raw))
+    assert str(info.value) == f"cannot open image '{raw}': Image is not in qcow2 format"
+
+
+def test_socket_dir_is_private_and_daemon_is_cleaned_up(tmp_path: Path) -> None:
+    spec = parse_spec(str(qcow2(tmp_path / "p.qcow2", 8 * MiB)))
+    with pytest.raises(RuntimeError, match="boom"), StorageDaemon(spec, writable=True) as d:
+        directory = os.path.dirname(d.socket_path)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        assert stat.S_ISSOCK(os.stat(d.socket_path).st_mode)
+        pid = d.pid
+        assert d.alive() and pid is not None
+        raise RuntimeError("boom")
+    assert not os.path.exists(f"/proc/{pid}")
+    assert not os.path.exists(directory)
+
+
+def test_empty_and_raw_images_are_not_snapshots(tmp_path: Path) -> None:
+    path = qcow2(tmp_path / "e.qcow2", 8 * MiB)
+    with SnapshotImage.open(str(path)) as image, pytest.raises(NotAnImage, match="empty"):
+        image.read_header()
+    raw = tmp_path / "r.img"
+    raw.write_bytes(b"\x7fELF" + bytes(4 * MiB))
+    with (
+        SnapshotImage.open(f"{raw},driver=raw") as image,
+        pytest.raises(NotAnImage, match=r"magic b'\\x7fELF"),
+    ):
+        image.read_header()
