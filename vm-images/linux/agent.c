@@ -48,6 +48,7 @@
 #define MAX_REPORTED 8
 #define MAX_REGION_MIB 65536u
 #define MAX_RATE 10000000u
+#define PACING_SLACK_NS 100000000u /* how far the writer may lag before it stops catching up */
 
 struct page_header {
     uint64_t magic;
@@ -220,8 +221,8 @@ static void *writer_main(void *arg)
         done++;
         due = start + done * 1000000000u / st.rate;
         now = now_ns();
-        if (now + 1000000000u < due || now > due + 1000000000u) {
-            /* Clock jump (e.g. a revert): restart pacing instead of bursting. */
+        if (now + PACING_SLACK_NS < due || now > due + PACING_SLACK_NS) {
+            /* Clock jump (e.g. a revert) or starved: restart pacing instead of bursting. */
             start = now;
             done = 0;
         } else if (now < due) {
