@@ -323,8 +323,9 @@ def crosscheck_main_ram(
             raise MemoryReferenceError(f"{vm.name}: pmemsave wrote {offset - start:#x} bytes")
     if bad:
         listed = ", ".join(str(ref) for ref in bad[:8])
+        pages = "1 page" if len(bad) == 1 else f"{len(bad)} pages"
         raise MemoryReferenceError(
-            f"{vm.name}: {len(bad)} pages of the stream differ from pmemsave: {listed}"
+            f"{vm.name}: pmemsave disagrees with the stream on {pages}: {listed}"
         )
 
 
