@@ -22,10 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qsnap.stream import StreamError, split_device_state_tail
+
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 600.0
 """Seconds ci/fetch-qemu-source may take (a 39 MB download and unpacking, done once)."""
+
+VMDESC_WINDOW = 10 << 20
+"""analyze-migration.py looks for the vmdesc in the last 10 MiB of a stream."""
 
 _SCRIPT = Path("scripts") / "analyze-migration.py"
 _FETCH = Path(__file__).resolve().parents[2] / "ci" / "fetch-qemu-source"
@@ -81,6 +86,7 @@ def _run_analyzer(
     path = Path(stream)
     if not path.is_file():
         raise AnalyzeError(f"{path}: not a file (analyze-migration needs a seekable file)")
+    _check_vmdesc(path)
     script = script if script is not None else analyze_script()
     argv = [sys.executable, os.fspath(script), "-f", os.fspath(path), "-d", mode]
     log.debug("running %s", " ".join(argv))
@@ -94,6 +100,24 @@ def _run_analyzer(
         return json.loads(proc.stdout)
     except json.JSONDecodeError as exc:
         raise AnalyzeError(f"{path}: analyze-migration output is not JSON ({exc})") from None
+
+
+def _check_vmdesc(path: Path) -> None:
+    """Refuse a stream without a vmdesc at its end with a clear message.
+
+    The analyzer would fail with a bare OSError or JSON error; it looks for the vmdesc
+    in the last 10 MiB, and so does this check.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        f.seek(max(0, size - VMDESC_WINDOW))
+        tail = f.read()
+    try:
+        end = split_device_state_tail(tail, size)
+    except StreamError as exc:
+        raise AnalyzeError(f"{path}: {exc}: analyze-migration needs the vmdesc") from None
+    if end.vmdesc_length is None:
+        raise AnalyzeError(f"{path}: no VMDESCRIPTION at the end (analyze-migration needs it)")
 
 
 def device_state(
