@@ -199,8 +199,10 @@ class StreamReader:
         if state is _RAW:
             list(self._raw_records())
             assert self._tail is not None
+            if self.options.packaged:
+                return  # a package holds device sections without EOF
             self.device_state_end = self._tail.end()
-            if self.device_state_end is None and not self.options.packaged:
+            if self.device_state_end is None:
                 self._fail(
                     f"stream truncated at byte {self._tail.offset} inside the device state: "
                     "it does not end with EOF",
@@ -536,21 +538,23 @@ class StreamReader:
                     self._pos = stop
                     yield new_zero(blk[0], addr, True)
             elif flags == page or flags == zero:  # noqa: SIM109
-                if end - pos < 9:
-                    return
-                name_end = pos + 9 + buf[pos + 8]
-                stop = name_end + (page_size if flags == page else 1)
-                if stop > end:
-                    return
                 blocks = self._blocks
                 if blocks is None:
                     self._fail("RAM page before the RAM block list (MEM_SIZE)", self._base + pos)
+                if end - pos < 9:
+                    return
+                name_end = pos + 9 + buf[pos + 8]
+                if name_end > end:
+                    return
                 blk = blocks.get(buf[pos + 9 : name_end])
                 if blk is None:
                     name = buf[pos + 9 : name_end].decode("utf-8", "surrogateescape")
                     self._fail(f"RAM block {name!r} is not in the MEM_SIZE list", self._base + pos)
                 if addr >= blk[1]:
                     self._bad_offset(blk[0], addr, blk[1], pos)
+                stop = name_end + (page_size if flags == page else 1)
+                if stop > end:
+                    return
                 self._last_block = blk
                 if flags == page:
                     self._pos = stop
