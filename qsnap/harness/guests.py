@@ -214,12 +214,17 @@ class BadPage:
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """The agent's `verify` answer; `first` holds at most 8 bad pages, lowest first."""
+    """The agent's `verify` answer.
+
+    `counts` holds the number of bad pages per fault; `first` at most 8 bad pages,
+    lowest index first.
+    """
 
     pages: int
     k: int
     g: int
     bad: int
+    counts: tuple[tuple[PageFault, int], ...]
     first: tuple[BadPage, ...]
 
     @property
@@ -244,6 +249,7 @@ class AgentError(GuestError):
 
 _FIELD = re.compile(r"(\S+?)=(\S+)")
 _BAD = re.compile(r"(\d+):([a-z-]+)(?:=(\d+))?")
+_COUNT = re.compile(r"([a-z-]+):(\d+)")
 MAX_LINE = 4096
 
 
@@ -376,12 +382,21 @@ class AgentClient:
                 BadPage(int(index), PageFault(fault), int(value) if value else None)
                 for index, fault, value in _BAD.findall(fields.get("first", ""))
             )
+            counts = tuple(
+                (PageFault(fault), int(count))
+                for fault, count in _COUNT.findall(fields.get("counts", ""))
+            )
             report = VerifyReport(
-                int(fields["pages"]), int(fields["k"]), int(fields["g"]), int(fields["bad"]), first
+                pages=int(fields["pages"]),
+                k=int(fields["k"]),
+                g=int(fields["g"]),
+                bad=int(fields["bad"]),
+                counts=counts,
+                first=first,
             )
         except (KeyError, ValueError) as exc:
             raise AgentError(f"agent {self.where}: verify: bad answer {line!r} ({exc})") from None
-        if report.ok != line.startswith("OK "):
+        if report.ok != line.startswith("OK ") or report.bad != sum(n for _, n in counts):
             raise AgentError(f"agent {self.where}: verify: inconsistent answer {line!r}")
         return report
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import shlex
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +286,7 @@ def test_linux_agent_detects(
     assert ahead(linux_snapshots.k, report.k) < WRITER_MARGIN, (linux_snapshots.k, report)
     assert report.bad == len(expected), report
     assert report.faults() == expected, report
+    assert dict(report.counts) == dict(Counter(expected.values())), report
     if damage is Damage.SWAP:
         assert {b.value for b in report.first} == set(expected), report
 

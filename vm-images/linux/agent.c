@@ -9,7 +9,8 @@
  *   writer start PAGES_PER_SEC  OK writer running rate=R
  *   writer stop               OK writer stopped k=K g=G
  *   verify                    OK verify pages=N k=K g=G bad=0
- *                             ERR verify pages=N k=K g=G bad=B first=I:REASON[=VALUE],...
+ *                             ERR verify pages=N k=K g=G bad=B counts=REASON:COUNT,...
+ *                                 first=I:REASON[=VALUE],...  (at most 8, lowest index first)
  *   digest                    OK digest=HEX pages=N k=K g=G
  *   touch random|reverse      OK touch order=O pages=N sum=HEX
  *   status                    OK status pages=N seed=S k=K g=G writer=on|off rate=R
@@ -142,44 +143,68 @@ static int page_is_zero(const struct page *p)
     return 1;
 }
 
-/* Returns NULL when page i is right for writer state (k, g), else the reason. */
-static const char *check_page(const struct page *p, uint32_t i, uint64_t *value)
+enum fault {
+    FAULT_ZERO,
+    FAULT_BAD_MAGIC,
+    FAULT_BAD_CHECKSUM,
+    FAULT_WRONG_INDEX,
+    FAULT_WRONG_SEED,
+    FAULT_GEN_TOO_NEW,
+    FAULT_GEN_TOO_OLD,
+    FAULT_BAD_BODY,
+    FAULT_COUNT,
+    FAULT_NONE = FAULT_COUNT,
+};
+
+static const char *const fault_names[FAULT_COUNT] = {
+    [FAULT_ZERO] = "zero",
+    [FAULT_BAD_MAGIC] = "bad-magic",
+    [FAULT_BAD_CHECKSUM] = "bad-checksum",
+    [FAULT_WRONG_INDEX] = "wrong-index",
+    [FAULT_WRONG_SEED] = "wrong-seed",
+    [FAULT_GEN_TOO_NEW] = "gen-too-new",
+    [FAULT_GEN_TOO_OLD] = "gen-too-old",
+    [FAULT_BAD_BODY] = "bad-body",
+};
+
+/* Checks page i against the writer state (k, g); *value gets what was found instead. */
+static enum fault check_page(const struct page *p, uint32_t i, uint64_t *value)
 {
     uint32_t expected = i < st.k ? st.g + 1 : st.g;
     uint64_t x;
     size_t w;
 
     if (page_is_zero(p)) {
-        return "zero";
+        return FAULT_ZERO;
     }
     if (p->h.magic != PAGE_MAGIC) {
         *value = p->h.magic;
-        return "bad-magic";
+        return FAULT_BAD_MAGIC;
     }
     if (page_checksum(p) != p->h.checksum) {
         *value = p->h.checksum;
-        return "bad-checksum";
+        return FAULT_BAD_CHECKSUM;
     }
     if (p->h.index != i) {
         *value = p->h.index;
-        return "wrong-index";
+        return FAULT_WRONG_INDEX;
     }
     if (p->h.seed != st.seed) {
         *value = p->h.seed;
-        return "wrong-seed";
+        return FAULT_WRONG_SEED;
     }
     if (p->h.generation != expected) {
         *value = p->h.generation;
-        return (int32_t)(p->h.generation - expected) > 0 ? "gen-too-new" : "gen-too-old";
+        return (int32_t)(p->h.generation - expected) > 0 ? FAULT_GEN_TOO_NEW : FAULT_GEN_TOO_OLD;
     }
     x = body_seed(p->h.seed, i, p->h.generation);
     for (w = 0; w < BODY_WORDS; w++) {
         if (p->body[w] != splitmix64(&x)) {
             *value = w * sizeof(uint64_t) + sizeof(struct page_header);
-            return "bad-body";
+            return FAULT_BAD_BODY;
         }
     }
-    return NULL;
+    return FAULT_NONE;
 }
 
 static uint64_t now_ns(void)
@@ -373,9 +398,10 @@ static void cmd_writer(char *what, char *rate_s)
 
 static void cmd_verify(void)
 {
-    char first[MAX_REPORTED * 40] = "";
-    size_t used = 0;
-    uint32_t i, bad = 0;
+    char first[MAX_REPORTED * 40] = "", counts[FAULT_COUNT * 24] = "";
+    size_t used = 0, cused = 0;
+    uint32_t i, bad = 0, per_fault[FAULT_COUNT] = { 0 };
+    int f, n;
 
     if (!st.pages) {
         reply("ERR verify: no region (fill first)");
@@ -384,18 +410,19 @@ static void cmd_verify(void)
     pause_writer();
     for (i = 0; i < st.npages; i++) {
         uint64_t value = 0;
-        const char *why = check_page(&st.pages[i], i, &value);
+        enum fault why = check_page(&st.pages[i], i, &value);
 
-        if (!why) {
+        if (why == FAULT_NONE) {
             continue;
         }
+        per_fault[why]++;
         if (bad++ < MAX_REPORTED) {
-            int n = snprintf(first + used, sizeof(first) - used, "%s%u:%s", used ? "," : "", i,
-                             why);
+            n = snprintf(first + used, sizeof(first) - used, "%s%u:%s", used ? "," : "", i,
+                         fault_names[why]);
             if (n > 0 && (size_t)n < sizeof(first) - used) {
                 used += n;
             }
-            if (strcmp(why, "zero")) {
+            if (why != FAULT_ZERO) {
                 n = snprintf(first + used, sizeof(first) - used, "=%" PRIu64, value);
                 if (n > 0 && (size_t)n < sizeof(first) - used) {
                     used += n;
@@ -403,8 +430,18 @@ static void cmd_verify(void)
             }
         }
     }
+    for (f = 0; f < FAULT_COUNT; f++) {
+        if (per_fault[f]) {
+            n = snprintf(counts + cused, sizeof(counts) - cused, "%s%s:%u", cused ? "," : "",
+                         fault_names[f], per_fault[f]);
+            if (n > 0 && (size_t)n < sizeof(counts) - cused) {
+                cused += n;
+            }
+        }
+    }
     if (bad) {
-        reply("ERR verify pages=%u k=%u g=%u bad=%u first=%s", st.npages, st.k, st.g, bad, first);
+        reply("ERR verify pages=%u k=%u g=%u bad=%u counts=%s first=%s", st.npages, st.k, st.g,
+              bad, counts, first);
     } else {
         reply("OK verify pages=%u k=%u g=%u bad=0", st.npages, st.k, st.g);
     }
