@@ -13,15 +13,8 @@ from .errors import StreamError
 from .options import StreamOptions
 from .reader import StreamReader
 from .return_path import (
-    Pong,
-    RecvBitmapMessage,
-    ReqPages,
-    ReqPagesId,
-    ResumeAck,
     ReturnPathMessage,
     ReturnPathReader,
-    Shut,
-    SwitchoverAck,
     encode_message,
 )
 from .writer import RamEncoder, encode, encode_footer
@@ -32,22 +25,15 @@ __all__ = [
     "DeviceStateEnd",
     "DeviceStateEndTracker",
     "MigCommand",
-    "Pong",
     "RamEncoder",
     "RamFlag",
-    "RecvBitmapMessage",
-    "ReqPages",
-    "ReqPagesId",
-    "ResumeAck",
     "ReturnPathMessage",
     "ReturnPathReader",
     "ReturnPathType",
     "SectionType",
-    "Shut",
     "StreamError",
     "StreamOptions",
     "StreamReader",
-    "SwitchoverAck",
     "encode",
     "encode_footer",
     "encode_message",

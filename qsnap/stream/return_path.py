@@ -3,7 +3,7 @@
 Layouts follow migration/migration.c (rp_cmd_args, source_return_path_thread and
 the migrate_send_rp_* senders). RECV_BITMAP, used by postcopy recovery, is followed
 outside its message by ``be64 size, size bytes of bitmap, be64 ending marker``
-(ramblock_recv_bitmap_send); the reader returns both as one RecvBitmapMessage.
+(ramblock_recv_bitmap_send); the reader returns both as one RecvBitmap.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class ReqPages:
 
 
 @dataclass(frozen=True, slots=True)
-class RecvBitmapMessage:
+class RecvBitmap:
     """RECV_BITMAP: ``str8 block`` and the received-pages bitmap that follows it.
 
     ``bitmap`` is little-endian, one bit per target page, padded to 8 bytes.
@@ -92,7 +92,7 @@ class SwitchoverAck:
 
 
 ReturnPathMessage: TypeAlias = (
-    Shut | Pong | ReqPagesId | ReqPages | RecvBitmapMessage | ResumeAck | SwitchoverAck
+    Shut | Pong | ReqPagesId | ReqPages | RecvBitmap | ResumeAck | SwitchoverAck
 )
 
 
@@ -107,7 +107,7 @@ def encode_message(msg: ReturnPathMessage) -> bytes:
         payload = struct.pack(">QI", msg.start, msg.length) + encode_str8(msg.block)
     elif isinstance(msg, ReqPages):
         kind, payload = ReturnPathType.REQ_PAGES, struct.pack(">QI", msg.start, msg.length)
-    elif isinstance(msg, RecvBitmapMessage):
+    elif isinstance(msg, RecvBitmap):
         name = encode_str8(msg.block)
         if len(msg.bitmap) % 8:
             raise ValueError("a RECV_BITMAP bitmap is a whole number of 8-byte words")
@@ -202,7 +202,7 @@ class ReturnPathReader:
             msg = self._payload(kind, payload, length, at)
         except NeedMore:
             self._fail(f"return-path {kind.name} payload of {length} bytes is too short", at)
-        if isinstance(msg, RecvBitmapMessage):
+        if isinstance(msg, RecvBitmap):
             size_at = cur.offset
             size = cur.be64()
             if size > MAX_BITMAP or size % 8:
@@ -211,7 +211,7 @@ class ReturnPathReader:
             end_at = cur.offset
             if cur.be64() != RECV_BITMAP_ENDING:
                 self._fail("RECV_BITMAP bitmap without its ending marker", end_at)
-            msg = RecvBitmapMessage(msg.block, bitmap)
+            msg = RecvBitmap(msg.block, bitmap)
         return msg
 
     def _payload(self, kind: ReturnPathType, p: Cursor, length: int, at: int) -> ReturnPathMessage:
@@ -237,4 +237,4 @@ class ReturnPathReader:
             )
         if kind == ReturnPathType.REQ_PAGES_ID:
             return ReqPagesId(start, size, block)
-        return RecvBitmapMessage(block, b"")
+        return RecvBitmap(block, b"")

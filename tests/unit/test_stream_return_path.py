@@ -19,7 +19,7 @@ messages = st.one_of(
     st.builds(rp.Pong, u32),
     st.builds(rp.ReqPagesId, u64, u32, idstrs),
     st.builds(rp.ReqPages, u64, u32),
-    st.builds(rp.RecvBitmapMessage, idstrs, st.integers(0, 4).map(lambda n: bytes(range(8 * n)))),
+    st.builds(rp.RecvBitmap, idstrs, st.integers(0, 4).map(lambda n: bytes(range(8 * n)))),
     st.builds(rp.ResumeAck, u32),
     st.just(rp.SwitchoverAck()),
 )
@@ -37,7 +37,7 @@ messages = st.one_of(
         ),
         (rp.ReqPages(0x2000, 4096), b"\x00\x04\x00\x0c" + struct.pack(">QI", 0x2000, 4096)),
         (
-            rp.RecvBitmapMessage("a", b"\xff" * 8),
+            rp.RecvBitmap("a", b"\xff" * 8),
             b"\x00\x05\x00\x02\x01a" + struct.pack(">Q", 8) + b"\xff" * 8
             + bytes.fromhex("0123456789abcdef"),
         ),
