@@ -263,21 +263,25 @@ class VM:
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
-        while not self.qmp_socket.exists():
+        error: Exception | None = None
+        while True:
             if self._proc.poll() is not None:
                 self._fail_launch("QEMU exited during start-up")
+            if self.qmp_socket.exists():
+                qmp = SyncQMP(self.name)
+                try:
+                    qmp.connect(os.fspath(self.qmp_socket), max(1.0, deadline - time.monotonic()))
+                except (QMPTimeout, QMPConnectionError) as exc:
+                    # QEMU binds the socket before it listens: refused for a moment.
+                    qmp.close()
+                    error = exc
+                else:
+                    self._qmp = qmp
+                    return self
             if time.monotonic() > deadline:
-                self._fail_launch(f"no QMP socket within {timeout:g} s")
+                cause = f": {error}" if error is not None else ""
+                self._fail_launch(f"no QMP connection within {timeout:g} s{cause}")
             time.sleep(0.02)
-        self._qmp = SyncQMP(self.name)
-        try:
-            self._qmp.connect(os.fspath(self.qmp_socket), max(1.0, deadline - time.monotonic()))
-        except (QMPTimeout, QMPConnectionError) as exc:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(1.0)
-            exited = "QEMU exited during start-up: " if self._proc.poll() is not None else ""
-            self._fail_launch(f"{exited}{exc}")
-        return self
 
     def _fail_launch(self, what: str) -> NoReturn:
         message = f"{self.name}: {what}"
