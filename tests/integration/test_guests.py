@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from qsnap.harness.guests import AgentClient, AgentError, LinuxGuest, PatternGuest
+from qsnap.harness.guests import AgentClient, AgentError, LinuxGuest, PatternGuest, vm_images_dir
 from qsnap.harness.sweep import check_sweep, first_bytes
 from qsnap.harness.vm import VMFactory
 
@@ -97,3 +100,59 @@ def test_pattern_guest_sweeps_all_ram_above_1mib(vms: VMFactory, tmp_path: Path)
     before = vm.console_size()
     vm.cont()
     vm.wait_console(marker, timeout=30, start=before)
+
+
+def run_build(script: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "QSNAP_CACHE": str(cache)}
+    return subprocess.run(
+        [str(script), *args], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_build_is_cached_keyed_by_inputs_and_locked(tmp_path: Path) -> None:
+    """The pattern recipe (quick to build) in a private copy of vm-images and cache."""
+    recipes = tmp_path / "vm-images"
+    recipes.mkdir()
+    shutil.copy2(vm_images_dir() / "build", recipes / "build")
+    shutil.copytree(vm_images_dir() / "pattern", recipes / "pattern")
+    cache = tmp_path / "cache"
+    script = recipes / "build"
+
+    env = {**os.environ, "QSNAP_CACHE": str(cache)}
+    racing = [
+        subprocess.Popen(
+            [str(script), "pattern"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in racing]
+    assert [p.returncode for p in racing] == [0, 0], outputs
+    first = Path(outputs[0][0].decode().strip())
+    assert Path(outputs[1][0].decode().strip()) == first
+    assert first.parent == cache / "vm-images"
+    assert (first / "pattern.img").stat().st_size == 512
+    assert (first / "pattern.img").read_bytes()[510:] == b"\x55\xaa"
+    assert sorted(p.name for p in (cache / "vm-images").iterdir()) == sorted(
+        [first.name, "pattern.lock"]
+    ), "a racing build left something behind"
+
+    built_at = (first / ".complete").stat().st_mtime_ns
+    again = run_build(script, cache, "pattern")
+    assert again.returncode == 0, again.stderr
+    assert Path(again.stdout.strip()) == first
+    assert (first / ".complete").stat().st_mtime_ns == built_at, "rebuilt without a change"
+
+    boot = recipes / "pattern" / "boot.s"
+    boot.write_text(boot.read_text() + "# changed\n")
+    changed = run_build(script, cache, "pattern")
+    assert changed.returncode == 0, changed.stderr
+    assert Path(changed.stdout.strip()) != first
+
+
+def test_build_rejects_unknown_guest(tmp_path: Path) -> None:
+    bad = run_build(vm_images_dir() / "build", tmp_path, "windows")
+    assert bad.returncode != 0
+    assert bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "vm-images/build: unknown guest 'windows' (usage: vm-images/build [linux|pattern|all])"
+    ]
