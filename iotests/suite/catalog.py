@@ -55,6 +55,8 @@ def load(path: Path) -> TestScript:
 
 def discover(tests_dir: Path = TESTS_DIR) -> dict[str, TestScript]:
     """Every test in ``tests_dir``, by name."""
+    if not tests_dir.is_dir():
+        raise SelectionError(f"{tests_dir}: no such directory")
     found: dict[str, TestScript] = {}
     for path in sorted(tests_dir.iterdir()):
         if path.name.endswith(REFERENCE_SUFFIX) or not path.is_file():

@@ -54,6 +54,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="fail a test still running after this long",
     )
     p.add_argument(
+        "--source-dir",
+        type=Path,
+        default=environment.IOTESTS_DIR,
+        help="directory whose tests/ holds the tests (as in QEMU's check)",
+    )
+    p.add_argument(
         "--test-dir",
         type=Path,
         default=Path(os.environ.get("TEST_DIR") or environment.IOTESTS_DIR / "scratch"),
@@ -111,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         tests = catalog.select(
-            catalog.discover(),
+            catalog.discover(args.source_dir / "tests"),
             names=args.tests,
             groups=_split(args.groups),
             exclude_groups=_split(args.exclude_groups),
