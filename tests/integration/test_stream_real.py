@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from qsnap.stream import StreamReader, encode, split_device_state_tail
+from qsnap.stream import RamEncoder, StreamReader, encode, split_device_state_tail
 from qsnap.stream import records as r
 
 pytestmark = pytest.mark.qemu
@@ -59,27 +59,21 @@ def _wait_migration(qmp: QEMUMonitorProtocol) -> None:
     raise AssertionError(f"migration not completed within {TIMEOUT} s")
 
 
-def _snapshot(tmp_path: Path, machine: str) -> Snapshot:
+@contextlib.contextmanager
+def _qemu(tmp_path: Path, machine: str, *extra: str) -> Iterator[QEMUMonitorProtocol]:
+    """A QEMU with no OS (SeaBIOS finds nothing to boot and waits), under TCG."""
     sock = tmp_path / "qmp.sock"
-    out = tmp_path / "stream.bin"
     qmp = QEMUMonitorProtocol(str(sock), server=True)
     qmp.settimeout(TIMEOUT)
     log = (tmp_path / "qemu.log").open("wb")
     proc = subprocess.Popen(
         [QEMU, "-accel", "tcg", "-machine", machine, "-m", str(MEMORY_MIB),
-         "-nodefaults", "-nographic", "-device", "VGA", "-qmp", f"unix:{sock}"],
+         "-nodefaults", "-nographic", "-device", "VGA", "-qmp", f"unix:{sock}", *extra],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         qmp.accept(timeout=TIMEOUT)
-        summary = qmp.cmd("query-memory-size-summary")
-        assert isinstance(summary, dict)
-        qmp.cmd(
-            "migrate-set-capabilities",
-            capabilities=[{"capability": "background-snapshot", "state": True}],
-        )
-        qmp.cmd("migrate", uri=f"exec:cat > {out}")
-        _wait_migration(qmp)
+        yield qmp
         qmp.cmd("quit")
         proc.wait(timeout=TIMEOUT)
     finally:
@@ -89,7 +83,24 @@ def _snapshot(tmp_path: Path, machine: str) -> Snapshot:
             proc.kill()
             proc.wait(timeout=TIMEOUT)
         log.close()
-    return Snapshot(out.read_bytes(), int(summary["base-memory"]), machine)
+
+
+def _background_snapshot(qmp: QEMUMonitorProtocol, out: Path) -> bytes:
+    qmp.cmd(
+        "migrate-set-capabilities",
+        capabilities=[{"capability": "background-snapshot", "state": True}],
+    )
+    qmp.cmd("migrate", uri=f"exec:cat > {out}")
+    _wait_migration(qmp)
+    return out.read_bytes()
+
+
+def _snapshot(tmp_path: Path, machine: str) -> Snapshot:
+    with _qemu(tmp_path, machine) as qmp:
+        summary = qmp.cmd("query-memory-size-summary")
+        assert isinstance(summary, dict)
+        data = _background_snapshot(qmp, tmp_path / "stream.bin")
+    return Snapshot(data, int(summary["base-memory"]), machine)
 
 
 @pytest.fixture(scope="module", params=["pc", "q35"])
@@ -202,3 +213,38 @@ def test_device_state_part(snapshot: Snapshot, parsed: Parsed) -> None:
 def test_reserialises_byte_identical(snapshot: Snapshot, chunk: int) -> None:
     parsed = _parse(snapshot.data, chunk)
     assert b"".join(encode(rec) for rec in parsed.records) == snapshot.data
+
+
+def _memory(records: list[r.Record]) -> dict[tuple[str, int], bytes | None]:
+    return {
+        (rec.block, rec.offset): rec.data if isinstance(rec, r.RamPage) else None
+        for rec in _pages(records)
+    }
+
+
+def test_qemu_loads_what_the_writer_generates(
+    snapshot: Snapshot, parsed: Parsed, tmp_path: Path
+) -> None:
+    """Re-encode the RAM records without CONTINUE (RamEncoder, reset per record), have a
+    fresh QEMU load the stream, snapshot it while paused: the memory is the same."""
+    ram = RamEncoder()
+    out = bytearray()
+    for rec in parsed.records:
+        if isinstance(rec, r.RamPage):
+            ram.reset()
+            out += ram.page(rec.block, rec.offset, rec.data)
+        elif isinstance(rec, r.RamZero):
+            ram.reset()
+            out += ram.zero(rec.block, rec.offset)
+        else:
+            out += encode(rec)
+    assert len(out) > len(snapshot.data)
+    generated = tmp_path / "generated.bin"
+    generated.write_bytes(out)
+    with _qemu(tmp_path, snapshot.machine, "-S", "-incoming", "defer") as qmp:
+        qmp.cmd("migrate-incoming", uri=f"exec:cat {generated}")
+        _wait_migration(qmp)
+        status = qmp.cmd("query-status")
+        assert isinstance(status, dict) and status["status"] == "paused"
+        again = _background_snapshot(qmp, tmp_path / "again.bin")
+    assert _memory(_parse(again, 1 << 20).records) == _memory(parsed.records)
