@@ -197,7 +197,9 @@ class NbdClient:
             client._handshake(export)
         except OSError as exc:
             sock.close()
-            raise NbdError(f"NBD connection to {path}: {exc.strerror or exc}") from None
+            raise NbdError(
+                f"NBD connection to {path}: {exc.strerror or exc}", exc.errno or 0
+            ) from None
         except BaseException:
             sock.close()
             raise

@@ -6,14 +6,16 @@ This is the API ``qsnap revert`` and ``qsnap verify`` read through; the save sid
 
 from __future__ import annotations
 
+import errno
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
 from qsnap.image import layout
 from qsnap.image.daemon import StorageDaemon
-from qsnap.image.errors import ImageError, IncompleteImage, NotAnImage
+from qsnap.image.errors import ImageError, IncompleteImage, NbdError, NotAnImage
 from qsnap.image.layout import BlockEntry, Header
 from qsnap.image.nbd import AllocFlag, NbdClient
 from qsnap.image.spec import BlockdevSpec, parse_spec
@@ -79,13 +81,28 @@ class SnapshotImage:
         image = cls(parsed, writable=writable, window=window)
         image._daemon.start()
         try:
-            image._client = NbdClient.connect(
-                image._daemon.socket_path, image._daemon.export_name, window=window
-            )
+            image._client = image._connect()
         except BaseException:
             image._daemon.stop()
             raise
         return image
+
+    def _connect(self) -> NbdClient:
+        """Connect; the socket file can exist a moment before the daemon listens on it."""
+        deadline = time.monotonic() + self._daemon.timeout
+        while True:
+            try:
+                return NbdClient.connect(
+                    self._daemon.socket_path, self._daemon.export_name, window=self._window
+                )
+            except NbdError as exc:
+                if exc.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
+                    raise
+                if not self._daemon.alive():
+                    raise ImageError(
+                        f"cannot open image {self.spec.text!r}: {self._daemon.stderr_text()}"
+                    ) from None
+            time.sleep(0.005)
 
     def __enter__(self) -> SnapshotImage:
         return self

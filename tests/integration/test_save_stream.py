@@ -1,0 +1,311 @@
+"""``qsnap save`` of real background-snapshot streams of the pattern guest.
+
+One paused guest is saved twice, by ``exec:cat > FILE`` and by ``exec:qsnap save``: the
+image must hold exactly the pages of the raw stream and of the guest memory (pmemsave),
+and the device state byte for byte.  A running guest's image must show memory frozen at
+one instant (the sweep rule).  The raw stream is then cut into a vmstate-only and a
+RAM-only stream to exercise the two-pass save in both orders.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qsnap.harness.guests import PatternGuest
+from qsnap.harness.sweep import check_sweep
+from qsnap.harness.vm import VM
+from qsnap.image.snapshot import SnapshotImage
+from qsnap.stream import StreamReader, encode
+from qsnap.stream import records as r
+
+pytestmark = pytest.mark.qemu
+
+MIB = 128
+PAGE = 4096
+VGA_WINDOW = 0xA0000
+QSNAP = str(Path(sys.executable).with_name("qsnap"))
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def qsnap(*args: str, stdin: bytes = b"") -> Run:
+    done = subprocess.run(
+        [QSNAP, *args], input=stdin, capture_output=True, timeout=120, check=False
+    )
+    return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def create(path: Path, ram: str = f"{MIB}M") -> Path:
+    done = qsnap("create", str(path), "--ram-size", ram)
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def save_uri(image: Path, err: Path, tee: Path | None = None) -> str:
+    cmd = f"{shlex.quote(QSNAP)} save {shlex.quote(str(image))} 2>{shlex.quote(str(err))}"
+    if tee is not None:
+        cmd = f"tee {shlex.quote(str(tee))} | {cmd}"
+    return f"exec:{cmd}"
+
+
+@dataclass
+class ParsedStream:
+    """The raw stream, parsed once with the codec: pages by (block, offset)."""
+
+    data: bytes
+    blocks: tuple[r.RamBlockInfo, ...]
+    pages: dict[tuple[str, int], bytes]
+    zeros: set[tuple[str, int]]
+    prologue_end: int
+    device_state_at: int
+    eof_at: int
+
+
+def parse(data: bytes) -> ParsedStream:
+    reader = StreamReader()
+    reader.feed(data)
+    pages: dict[tuple[str, int], bytes] = {}
+    zeros: set[tuple[str, int]] = set()
+    prologue_end = device_state_at = -1
+    for rec in reader.records():
+        if isinstance(rec, r.RamPage):
+            pages[rec.block, rec.offset] = rec.data
+        elif isinstance(rec, r.RamZero):
+            zeros.add((rec.block, rec.offset))
+        elif isinstance(rec, r.Configuration):
+            prologue_end = reader.offset
+        elif isinstance(rec, r.DeviceStateStart):
+            device_state_at = rec.offset
+    reader.close()
+    assert reader.mem_size is not None and reader.device_state_end is not None
+    return ParsedStream(
+        data,
+        reader.mem_size.blocks,
+        pages,
+        zeros,
+        prologue_end,
+        device_state_at,
+        reader.device_state_end.eof_offset,
+    )
+
+
+@dataclass
+class Saved:
+    stream: ParsedStream  # exec:cat > FILE of the paused guest
+    teed: bytes  # the very bytes qsnap received (tee): device state may differ per run
+    image: Path
+    stderr: str
+    ram: bytes  # pmemsave of pc.ram
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
+    """A paused pattern guest, saved by cat and by qsnap (same instant)."""
+    tmp = tmp_path_factory.mktemp("save")
+    vm = VM(name="pattern", memory_mib=MIB, log_dir=tmp)
+    try:
+        PatternGuest.build().configure(vm)
+        vm.launch()
+        vm.wait_console(PatternGuest.MARKER.decode() * 2, timeout=90)
+        vm.stop()
+        raw = tmp / "raw.bin"
+        vm.background_snapshot_to_file(raw, timeout=120)
+        image = create(tmp / "snap.qcow2")
+        err = tmp / "save.err"
+        vm.background_snapshot(save_uri(image, err, tmp / "teed.bin"), timeout=120)
+        vm.command("pmemsave", val=0, size=MIB << 20, filename=str(tmp / "ram"))
+        yield Saved(
+            parse(raw.read_bytes()),
+            (tmp / "teed.bin").read_bytes(),
+            image,
+            err.read_text(),
+            (tmp / "ram").read_bytes(),
+        )
+    finally:
+        vm.shutdown()
+
+
+def info(image: Path) -> dict[str, object]:
+    done = qsnap("info", "--json", str(image))
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_save_reports_complete_and_image_is_clean(saved: Saved) -> None:
+    lines = saved.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qsnap save: saved "), saved.stderr
+    assert lines[0].endswith("; image complete")
+    check = subprocess.run(
+        ["qemu-img", "check", str(saved.image)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0 and "No errors were found" in check.stdout, check.stdout
+    done = qsnap("verify", str(saved.image))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{sum(b.used_length for b in saved.stream.blocks) // PAGE} ")
+
+
+def test_info_matches_the_vm_blocks(saved: Saved) -> None:
+    data = info(saved.image)
+    assert data["complete"] is True and data["missing"] == []
+    assert str(data["machine_type"]).startswith("pc-i440fx-")
+    blocks = data["blocks"]
+    assert isinstance(blocks, list)
+    assert [(b["idstr"], b["used_length"]) for b in blocks] == [
+        (b.idstr, b.used_length) for b in saved.stream.blocks
+    ]
+    assert blocks[0]["idstr"] == "pc.ram" and blocks[0]["used_length"] == MIB << 20
+    for b in blocks:
+        name = b["idstr"]
+        assert b["data_pages"] == sum(1 for k in saved.stream.pages if k[0] == name)
+        assert b["zero_pages"] == b["used_length"] // PAGE - b["data_pages"]
+        assert b["image_offset"] % (1 << 20) == 0
+    # every page of pc.ram above 1 MiB is swept, hence data
+    assert blocks[0]["data_pages"] >= (MIB - 1) * 256
+
+
+def test_every_stored_page_equals_stream_and_memory(saved: Saved) -> None:
+    stream = saved.stream
+    with SnapshotImage.open(str(saved.image)) as image:
+        header = image.complete_header()
+        for block in header.blocks:
+            contents = b"".join(
+                image.read(block, pos, min(1 << 20, block.used_length - pos))
+                for pos in range(0, block.used_length, 1 << 20)
+            )
+            for (name, offset), page in stream.pages.items():
+                if name == block.idstr:
+                    assert contents[offset : offset + PAGE] == page, (name, hex(offset))
+            for name, offset in stream.zeros:
+                if name == block.idstr:
+                    assert contents[offset : offset + PAGE] == bytes(PAGE), (name, hex(offset))
+            if block.idstr == "pc.ram":  # pmemsave sees VGA/ROM windows in 640K..1M
+                assert contents[:VGA_WINDOW] == saved.ram[:VGA_WINDOW]
+                assert contents[1 << 20 :] == saved.ram[1 << 20 :]
+
+
+def test_zero_pages_are_not_allocated(saved: Saved) -> None:
+    stream = saved.stream
+    with SnapshotImage.open(str(saved.image)) as image:
+        for block in image.complete_header().blocks:
+            data_clusters = {off >> 20 for name, off in stream.pages if name == block.idstr}
+            for extent in image.zero_map(block):
+                clusters = range(extent.offset >> 20, (extent.offset + extent.length - 1 >> 20) + 1)
+                if extent.zero:
+                    assert not data_clusters.intersection(clusters), (block.idstr, extent)
+                else:
+                    assert set(clusters) <= data_clusters, (block.idstr, extent)
+
+
+def test_device_state_is_stored_verbatim(saved: Saved) -> None:
+    stream = parse(saved.teed)
+    with SnapshotImage.open(str(saved.image)) as image:
+        header = image.complete_header()
+        assert header.prologue == stream.data[: stream.prologue_end]
+        whole = b"".join(image.device_state(chunk_size=10000))
+        sections = b"".join(image.device_state(sections_only=True))
+    assert whole == stream.data[stream.device_state_at :]
+    assert sections == stream.data[stream.device_state_at : stream.eof_at]
+    assert whole[len(sections) : len(sections) + 2] == b"\x00\x06"
+
+
+def test_running_guest_is_frozen_at_one_instant(tmp_path: Path) -> None:
+    vm = VM(name="running", memory_mib=MIB, log_dir=tmp_path)
+    try:
+        PatternGuest.build().configure(vm)
+        vm.launch()
+        vm.wait_console(PatternGuest.MARKER.decode(), timeout=90)
+        image = create(tmp_path / "run.qcow2")
+        vm.background_snapshot(save_uri(image, tmp_path / "err"), timeout=120)
+        assert vm.runstate().value == "running"
+    finally:
+        vm.shutdown()
+    assert (tmp_path / "err").read_text().endswith("; image complete\n")
+    swept = PatternGuest.swept_range(MIB)
+    with SnapshotImage.open(str(image)) as snap:
+        values = bytes(
+            snap.read("pc.ram", off, 1)[0] for off in range(swept.start, swept.stop, PAGE)
+        )
+    report = check_sweep(values, block="pc.ram", start=swept.start)
+    assert report.ok, report.violation
+    assert qsnap("verify", str(image)).returncode == 0
+
+
+# -- two passes, cut from the real stream -----------------------------------------------
+
+
+def cut(stream: ParsedStream) -> tuple[bytes, bytes]:
+    """(vmstate-only, RAM-only) streams: what QEMU's stream-content-list would send."""
+    head = stream.data[: stream.prologue_end]
+    vmstate = head + stream.data[stream.device_state_at :]
+    ram = stream.data[: stream.device_state_at] + encode(r.Eof())
+    return vmstate, ram
+
+
+@pytest.mark.parametrize("vmstate_first", [True, False], ids=["vmstate-first", "ram-first"])
+def test_two_pass_save_in_either_order(saved: Saved, tmp_path: Path, vmstate_first: bool) -> None:
+    vmstate, ram = cut(saved.stream)
+    image = create(tmp_path / "two.qcow2")
+    passes = [(["--save-vmstate"], vmstate), ([], ram)]
+    if not vmstate_first:
+        passes.reverse()
+    (args1, data1), (args2, data2) = passes
+    first = qsnap("save", *args1, str(image), stdin=data1)
+    assert first.returncode == 0, first.stderr
+    missing = "ram" if vmstate_first else "vmstate"
+    assert first.stderr.rstrip().endswith(f"incomplete image: (missing: {missing})")
+    assert info(image)["missing"] == [missing]
+    refused = qsnap("verify", str(image))
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"qsnap verify: error: incomplete image: save did not finish (missing: {missing})\n"
+    )
+    second = qsnap("save", *args2, str(image), stdin=data2)
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.rstrip().endswith("; image complete")
+    assert qsnap("verify", str(image)).returncode == 0
+    with SnapshotImage.open(str(image)) as snap:
+        header = snap.complete_header()
+        assert b"".join(snap.device_state()) == saved.stream.data[saved.stream.device_state_at :]
+        for (name, offset), page in list(saved.stream.pages.items())[::97]:
+            assert snap.read(name, offset, PAGE) == page
+        ds, first_block = header.device_state, header.blocks[0]
+        assert (first_block.image_offset > ds.offset) == vmstate_first
+
+
+def test_two_pass_refuses_a_foreign_machine(saved: Saved, tmp_path: Path) -> None:
+    vmstate, ram = cut(saved.stream)
+    image = create(tmp_path / "mix.qcow2")
+    assert qsnap("save", "--save-vmstate", str(image), stdin=vmstate).returncode == 0
+    other = encode(r.StreamHeader()) + encode(r.Configuration("pc-q35-10.0"))
+    foreign = other + ram[saved.stream.prologue_end :]
+    done = qsnap("save", str(image), stdin=foreign)
+    assert done.returncode == 1
+    assert done.stderr == (
+        "qsnap save: error: this pass does not belong to the saved one: stream prologue "
+        "differs (machine 'pc-q35-10.0', image has 'pc-i440fx-10.0')\n"
+    )
+    assert info(image)["missing"] == ["ram"]
+
+
+def test_save_vmstate_refuses_a_stream_with_ram(saved: Saved, tmp_path: Path) -> None:
+    image = create(tmp_path / "v.qcow2")
+    done = qsnap("save", "--save-vmstate", str(image), stdin=saved.stream.data)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"qsnap save: error: byte {saved.stream.prologue_end}: --save-vmstate expects a "
+        "vmstate-only stream, but this one carries RAM\n"
+    )
