@@ -60,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not open QEMU's return path (precopy only; implied when stdin is not a pipe)",
     )
+    parser.add_argument(
+        "--max-bandwidth",
+        type=float,
+        default=0.0,
+        metavar="MIB_PER_S",
+        help="postcopy: limit the background push to this much guest RAM per second "
+        "(requested pages are never held back)",
+    )
     parser.add_argument("--progress", action="store_true", help="progress lines on stderr")
     parser.add_argument("--json", action="store_true", help="summary as JSON on stderr")
     parser.add_argument(
@@ -92,6 +100,7 @@ def revert(args: argparse.Namespace) -> RevertStats:
         shut_timeout=args.timeout,
         stall_timeout=args.timeout,
         progress=args.progress,
+        max_bandwidth=int(args.max_bandwidth * 2**20),
     )
     source = ImageSource(SnapshotImage.open(parse_spec(args.image)))
     try:

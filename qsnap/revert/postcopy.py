@@ -6,8 +6,16 @@ blocks' page sizes, target page size), saved RAM START, PART sections of the opt
 precopy phase, PING 2, PACKAGED{LISTEN, device sections without EOF/vmdesc, PING 3, RUN},
 PING 4, PART sections of requested and background pages, RAM END (EOS), EOF.
 
-No POSTCOPY_RAM_DISCARD: QEMU discards pages sent in precopy that were dirtied since;
-a snapshot never changes, and ADVISE has already discarded all of the destination's RAM.
+Before LISTEN, QEMU's source discards (POSTCOPY_RAM_DISCARD) every page it has not sent
+yet or that was dirtied since; qsnap discards every page not sent yet, as QEMU does.
+This is not redundant with the discard ADVISE made: a page loaded by the precopy phase
+may sit in a transparent huge page, or a ZERO record may have mapped the huge zero page,
+which makes its unsent neighbours present too; the first discard turns THP off for the
+RAM (postcopy_ram_prepare_discard) and the discards split those pages, so that every
+unsent page faults and can be placed.  The discard also avoids a QEMU 10.0 destination
+bug: LISTEN straight after ADVISE ends in the DISCARD state and RUN then fails with
+"wrong postcopy state (2)".  When the precopy phase has sent every page there is nothing
+left for postcopy: the stream then ends as a precopy one.
 Since the destination may place each host page only once after LISTEN (a second copy is
 EEXIST and pauses postcopy), the scheduler's sent map is the single authority.
 """
@@ -20,7 +28,7 @@ import struct
 import time
 
 from qsnap.revert.errors import RevertError
-from qsnap.revert.precopy import opening
+from qsnap.revert.precopy import device_state_split, opening
 from qsnap.revert.ram_sections import RamSectionWriter
 from qsnap.revert.return_path import ReturnPath
 from qsnap.revert.scheduler import BlockGeometry, PageScheduler, Run
@@ -36,6 +44,9 @@ log = logging.getLogger(__name__)
 
 MAX_PACKAGED_SIZE = 1 << 24
 """``MAX_VM_CMD_PACKAGED_SIZE``: the destination refuses a larger package."""
+
+MAX_DISCARDS_PER_COMMAND = 12
+"""As QEMU's source (postcopy_discard_send_range): keeps each command small."""
 
 _SLICE_BYTES = 64 << 10
 """Background data goes out in slices this big, with requests served in between."""
@@ -130,12 +141,19 @@ class PostcopySender:
     def _send_run(self, run: Run) -> None:
         self._write(run, None if run.zero else self._data(run))
 
-    def serve_requests(self) -> None:
-        """Send every pending requested page at once, before any background page."""
+    def serve_requests(self, wait: float = 0.0) -> None:
+        """Send every pending requested page at once, before any background page.
+
+        ``wait``: seconds to wait for a first request when none is pending (throttling).
+        """
         served = False
         while True:
             try:
-                request = self.rp.requests.get_nowait()
+                if wait > 0:
+                    request = self.rp.requests.get(timeout=wait)
+                    wait = 0.0
+                else:
+                    request = self.rp.requests.get_nowait()
             except queue.Empty:
                 break
             self.stats.requests += 1
@@ -197,11 +215,24 @@ class PostcopySender:
             self.abort.check()
         self.ram.close_section()
 
+    def _discards(self) -> list[bytes]:
+        """POSTCOPY_RAM_DISCARD commands covering every unsent page, 12 ranges each."""
+        commands = []
+        for index, block in enumerate(self.blocks):
+            hps = block.host_page_size
+            ranges = [
+                (first * hps, count * hps) for first, count in self.scheduler.unsent_ranges(index)
+            ]
+            for pos in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
+                chunk = tuple(ranges[pos : pos + MAX_DISCARDS_PER_COMMAND])
+                commands.append(encode(records.PostcopyRamDiscard(block.name, chunk)))
+        return commands
+
     def _package(self) -> None:
-        """PACKAGED{LISTEN, device sections, PING 3, RUN}, streamed from the image."""
+        """Discard, PING 2, PACKAGED{LISTEN, device sections, PING 3, RUN}, PING 4."""
         size = package_size(self.source)
         head = _PACKAGED_HEAD.pack(SectionType.COMMAND, MigCommand.PACKAGED, 4, size)
-        self.sink.write([_ping(2), head, _LISTEN])
+        self.sink.write([*self._discards(), _ping(2), head, _LISTEN])
         self.stats.listen_ns = self.stats.mark()
         sent = 0
         for chunk in self.source.device_state(sections_only=True):
@@ -222,15 +253,37 @@ class PostcopySender:
         )
         self.sink.write([*opening(self.source, True), encode(advise), self.source.ram_start])
         self._precopy_phase()
+        if not self.scheduler.remaining:
+            log.info("every page went before LISTEN: ending as a precopy stream")
+            return self._end_as_precopy()
         self._package()
+        started = time.monotonic()
         while self.scheduler.remaining:
-            self.serve_requests()
+            self.serve_requests(self._throttle(started))
             self.stats.background_pages += self._background_step(self.options.postcopy_read_bytes)
             self.progress.update(self.stats)
             self.abort.check()
         self.serve_requests()
         tail: list[Buffer] = [*self.ram.end_section(), encode(records.Eof())]
         finish(self.source, self.sink, self.rp, tail, self.options)
+        self.stats.bytes_written = self.sink.bytes_written
+        self.stats.end_ns = self.stats.mark()
+        return self.stats
+
+    def _throttle(self, started: float) -> float:
+        """Seconds the background push is ahead of ``max_bandwidth`` (0 without limit)."""
+        limit = self.options.max_bandwidth
+        if not limit:
+            return 0.0
+        covered = self.stats.background_pages * self.tps
+        ahead = covered / limit - (time.monotonic() - started)
+        return min(ahead, 0.05) if ahead > 0 else 0.0
+
+    def _end_as_precopy(self) -> RevertStats:
+        ahead, held = device_state_split(self.source)
+        for chunk in ahead:
+            self.sink.write([chunk])
+        finish(self.source, self.sink, self.rp, held, self.options)
         self.stats.bytes_written = self.sink.bytes_written
         self.stats.end_ns = self.stats.mark()
         return self.stats

@@ -10,7 +10,7 @@ faulted on one page is likely to touch its neighbours next.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from qsnap.revert.errors import RevertError
@@ -146,6 +146,16 @@ class PageScheduler:
                 return run
             block, page = (block + 1) % len(self.blocks), 0
         raise AssertionError("remaining pages but none unsent")
+
+    def unsent_ranges(self, block: int) -> Iterator[tuple[int, int]]:
+        """(first host page, count) of every maximal run of unsent pages of ``block``."""
+        sent = self._sent[block]
+        page = sent.find(_UNSENT)
+        while page >= 0:
+            end = sent.find(_SENT, page)
+            end = len(sent) if end < 0 else end
+            yield page, end - page
+            page = sent.find(_UNSENT, end)
 
     def mark_sent(self, run: Run) -> None:
         """Record ``run`` as written; sending a page twice is a bug, so it is checked."""

@@ -40,6 +40,9 @@ class RevertOptions:
     stall_timeout: float = 60.0
     """Seconds QEMU may read nothing before qsnap gives up."""
     progress: bool = False
+    max_bandwidth: int = 0
+    """Postcopy: bytes of guest RAM per second the background push may cover (zero pages
+    included; 0: no limit).  Requests are never throttled."""
 
 
 class Terminated(BaseException):
