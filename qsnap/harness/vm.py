@@ -163,7 +163,9 @@ class VM:
         log_dir: str | os.PathLike[str] | None = None,
         qmp_timeout: float = 30.0,
     ) -> None:
-        """`firmware_console` makes SeaBIOS print on ttyS0 too (useful without any OS)."""
+        """`paused` is `-S` (run state prelaunch), `incoming_defer` is `-incoming defer`
+        (then `migrate_incoming`), `firmware_console` makes SeaBIOS print on ttyS0 too
+        (progress without any OS), `args` are appended to the command line as given."""
         self.name = name
         self.binary = find_qemu(qemu)
         self.machine = machine
@@ -177,7 +179,6 @@ class VM:
         self.stderr_log = self.log_dir / f"{name}-stderr.log"
         self.qmp_socket = self.run_dir / "qmp.sock"
         self._serial_args: list[str] = []
-        self._serial_count = 0
         self._extra: list[str] = list(args)
         self._head = [
             "-name", name,
@@ -255,13 +256,17 @@ class VM:
         log.info("%s: launching %s", self.name, " ".join(argv))
         self._stderr = self.stderr_log.open("wb")
         # A session of its own, so that kill() also reaches exec: migration children.
-        self._proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stderr,
-            stderr=self._stderr,
-            start_new_session=True,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._stderr,
+                stderr=self._stderr,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._close_resources()
+            raise VMLaunchError(f"{self.name}: cannot run {self.binary}: {exc.strerror}") from None
         deadline = time.monotonic() + timeout
         error: Exception | None = None
         while True:
