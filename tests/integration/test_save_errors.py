@@ -1,0 +1,237 @@
+"""``qsnap save`` failures: one error line, exit status 1, an image never marked complete.
+
+Each case checks the message, the status, and that ``info`` says the image is not complete
+and ``verify`` refuses it (or that there is no snapshot at all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qsnap.harness.guests import PatternGuest
+from qsnap.harness.vm import VM
+from qsnap.stream import StreamReader
+from qsnap.stream import records as r
+
+pytestmark = pytest.mark.qemu
+
+MIB = 64
+QSNAP = str(Path(sys.executable).with_name("qsnap"))
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def qsnap(*args: str, stdin: bytes = b"") -> Run:
+    done = subprocess.run([QSNAP, *args], input=stdin, capture_output=True, timeout=120)
+    return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def create(path: Path, ram: str = f"{MIB}M") -> Path:
+    done = qsnap("create", str(path), "--ram-size", ram)
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def qcow2(path: Path, size: int) -> Path:
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=1M", str(path), str(size)],
+        check=True,
+        timeout=30,
+    )
+    return path
+
+
+def assert_failed(run: Run, message: str) -> None:
+    assert run.returncode == 1
+    assert run.stdout == ""
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"qsnap save: error: {message}"), run.stderr
+
+
+def assert_not_complete(image: Path) -> None:
+    info = qsnap("info", "--json", str(image))
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["state"] == "saving"
+    verify = qsnap("verify", str(image))
+    assert verify.returncode == 1
+    assert verify.stderr.startswith("qsnap verify: error: incomplete image: save did not finish")
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    tmp = tmp_path_factory.mktemp("errors")
+    vm = VM(name="pattern", memory_mib=MIB, log_dir=tmp)
+    try:
+        PatternGuest.build().configure(vm)
+        vm.launch()
+        vm.wait_console(PatternGuest.MARKER.decode(), timeout=90)
+        vm.stop()
+        vm.background_snapshot_to_file(tmp / "raw.bin", timeout=120)
+    finally:
+        vm.shutdown()
+    return (tmp / "raw.bin").read_bytes()
+
+
+def ram_setup_end(data: bytes) -> int:
+    reader = StreamReader()
+    reader.feed(data[: 1 << 20])
+    for rec in reader.records():
+        if isinstance(rec, r.SectionFooter):
+            return reader.offset
+    raise AssertionError("no RAM setup footer")
+
+
+def test_truncated_stream(stream: bytes, tmp_path: Path) -> None:
+    image = create(tmp_path / "t.qcow2")
+    cut = len(stream) // 2
+    assert_failed(
+        qsnap("save", str(image), stdin=stream[:cut]),
+        f"byte {cut}: stream truncated at byte {cut} inside",
+    )
+    assert_not_complete(image)
+
+
+def test_stream_truncated_in_the_device_state(stream: bytes, tmp_path: Path) -> None:
+    image = create(tmp_path / "d.qcow2")
+    run = qsnap("save", str(image), stdin=stream[:-10])
+    assert_failed(run, f"byte {len(stream) - 10}: stream truncated")
+    assert "inside the device state" in run.stderr
+    assert_not_complete(image)
+
+
+def test_corrupted_stream_names_the_byte(stream: bytes, tmp_path: Path) -> None:
+    image = create(tmp_path / "c.qcow2")
+    at = ram_setup_end(stream)
+    bad = stream[:at] + b"\x55" + stream[at + 1 :]
+    assert_failed(qsnap("save", str(image), stdin=bad), f"byte {at}: unknown section type 0x55")
+    assert_not_complete(image)
+
+
+def test_image_too_small_names_the_needed_size(stream: bytes, tmp_path: Path) -> None:
+    small = qcow2(tmp_path / "s.qcow2", 16 << 20)
+    run = qsnap("save", str(small), stdin=stream)
+    assert_failed(run, "image too small: the RAM and its digest table needs a virtual size of")
+    needed = int(run.stderr.split("at least ")[1].split()[0])
+    assert needed > MIB << 20
+    info = qsnap("info", str(small))
+    assert info.returncode == 1
+    assert "the header is empty" in info.stderr
+    exact = qcow2(tmp_path / "exact.qcow2", needed + (1 << 20))
+    ok = qsnap("save", str(exact), stdin=stream)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_not_qcow2(stream: bytes, tmp_path: Path) -> None:
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(bytes(256 << 20))
+    assert_failed(
+        qsnap("save", str(raw), stdin=stream),
+        f"cannot open image '{raw}': Image is not in qcow2 format",
+    )
+    info = qsnap("info", f"{raw},driver=raw")
+    assert info.returncode == 1
+    assert (
+        info.stderr
+        == "qsnap info: error: not a qsnap image: the header is empty (nothing saved yet)\n"
+    )
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_read_only_image(stream: bytes, tmpfs: Path) -> None:
+    image = create(tmpfs / "ro.qcow2")
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    assert_failed(
+        qsnap("save", str(image), stdin=stream),
+        f"cannot open image '{image}': Could not open '{image}': Read-only file system",
+    )
+
+
+def test_disk_full(stream: bytes, tmpfs: Path) -> None:
+    image = create(tmpfs / "full.qcow2")
+    run = qsnap("save", str(image), stdin=stream)
+    assert_failed(run, "NBD WRITE at 0x")
+    assert "No space left on device" in run.stderr
+    assert_not_complete(image)
+
+
+def _throttled_save(tmp_path: Path) -> tuple[VM, Path, Path, Path]:
+    """A running guest whose save is slowed to 8 MiB/s, so it can be cut short."""
+    vm = VM(name="victim", memory_mib=MIB, log_dir=tmp_path)
+    PatternGuest.build().configure(vm)
+    vm.launch()
+    vm.wait_console(PatternGuest.MARKER.decode(), timeout=90)
+    image = create(tmp_path / "k.qcow2")
+    err, rc = tmp_path / "err", tmp_path / "rc"
+    vm.set_migration_capabilities({"background-snapshot": True})
+    vm.set_migration_parameters({"max-bandwidth": 8 << 20})
+    q = shlex.quote
+    vm.migrate(f"exec:{q(QSNAP)} save {q(str(image))} 2>{q(str(err))}; echo $? >{q(str(rc))}")
+    deadline = time.monotonic() + 30
+    while vm.query_migrate().get("ram", {}).get("transferred", 0) < 2 << 20:
+        assert time.monotonic() < deadline, "migration did not start"
+        time.sleep(0.05)
+    return vm, image, err, rc
+
+
+def _wait_status(rc: Path, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while not (rc.exists() and rc.read_text().strip()):
+        assert time.monotonic() < deadline, "qsnap save did not exit"
+        time.sleep(0.05)
+    return int(rc.read_text())
+
+
+def test_qemu_killed_mid_migration(tmp_path: Path) -> None:
+    vm, image, err, rc = _throttled_save(tmp_path)
+    try:
+        pid = vm.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_status(rc) == 1
+    finally:
+        vm.shutdown()
+    text = err.read_text()
+    assert text.count("\n") == 1 and "stream truncated at byte" in text, text
+    assert text.startswith("qsnap save: error: byte ")
+    assert_not_complete(image)
+
+
+def test_migrate_cancel(tmp_path: Path) -> None:
+    vm, image, err, rc = _throttled_save(tmp_path)
+    try:
+        vm.command("migrate_cancel")
+        assert _wait_status(rc) == 1
+        assert vm.wait_migration(30).status.value == "cancelled"
+    finally:
+        vm.shutdown()
+    text = err.read_text()
+    assert text.count("\n") == 1 and "stream truncated at byte" in text, text
+    assert_not_complete(image)
