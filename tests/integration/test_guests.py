@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,10 +48,14 @@ def test_linux_agent_fills_writes_and_verifies(agent: AgentClient) -> None:
     assert (fresh.pages, fresh.k, fresh.g, fresh.bad) == (pages, 0, 0, 0)
 
     agent.writer_start(2000)
+    deadline = time.monotonic() + 30
+    while int(agent.command("status")["k"]) < 100:
+        assert time.monotonic() < deadline, "the writer does not advance"
+        time.sleep(0.1)
     running = agent.verify()
     stopped = agent.writer_stop()
     assert running.ok, running
-    assert running.k > 0, "the writer did not advance"
+    assert running.k >= 100
     assert stopped.k >= running.k or stopped.g > running.g
 
     after = agent.verify()

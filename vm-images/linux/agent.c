@@ -32,6 +32,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,9 +75,9 @@ static struct {
     uint32_t seed;
     uint32_t k; /* pages [0, k) hold generation g + 1 */
     uint32_t g;
-    uint32_t rate;
-    volatile int running;
-    volatile int pause_request;
+    atomic_uint rate;
+    atomic_int running;
+    atomic_int pause_request;
     pthread_t thread;
 } st = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
@@ -505,6 +506,14 @@ static void cmd_touch(char *order)
     reply("OK touch order=%s pages=%u sum=%016" PRIx64, order, st.npages, sum);
 }
 
+static void cmd_status(void)
+{
+    pthread_mutex_lock(&st.lock);
+    reply("OK status pages=%u seed=%u k=%u g=%u writer=%s rate=%u", st.npages, st.seed, st.k,
+          st.g, st.running ? "on" : "off", st.rate);
+    pthread_mutex_unlock(&st.lock);
+}
+
 static void dispatch(char *line)
 {
     char *argv[4] = { 0 };
@@ -533,8 +542,7 @@ static void dispatch(char *line)
     } else if (!strcmp(argv[0], "touch") && argc == 2) {
         cmd_touch(argv[1]);
     } else if (!strcmp(argv[0], "status") && argc == 1) {
-        reply("OK status pages=%u seed=%u k=%u g=%u writer=%s rate=%u", st.npages, st.seed,
-              st.k, st.g, st.running ? "on" : "off", st.rate);
+        cmd_status();
     } else {
         reply("ERR unknown command: %s (argc %d)", argv[0], argc);
     }
