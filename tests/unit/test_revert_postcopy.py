@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from revert_memory import MemorySource
@@ -55,12 +55,16 @@ def run_postcopy(
 
     def destination() -> None:
         reader = StreamReader()
+        raw = 0  # device state bytes of a stream that ended as precopy
         try:
             while data := os.read(out_r, 1 << 16):
                 reader.feed(data)
                 for rec in reader.records():
                     dest.records.append(rec)
-                    if isinstance(rec, r.Eof) and shut_status is not None:
+                    if isinstance(rec, r.DeviceStateChunk):
+                        raw += len(rec.data)
+                    ended = isinstance(rec, r.Eof) or raw == source.device_state_length
+                    if ended and shut_status is not None:
                         os.write(rp_w, encode_message(Shut(shut_status)))
             reader.close()
         except BaseException as exc:  # reported by the test
@@ -70,6 +74,7 @@ def run_postcopy(
     thread.start()
     rp = ReturnPath(rp_r)
     sink = StreamSink(out_w, stall_timeout=10, abort_check=AbortCheck(rp))
+    options = replace(options, shut_timeout=5)
     try:
         sender = PostcopySender(source, sink, rp, options)
         for message in requests:
@@ -153,11 +158,32 @@ def test_stream_layout_requests_first_every_page_once() -> None:
 def test_precopy_phase_sends_pct_of_data_pages_before_listen(pct: int) -> None:
     source = image()
     stats, dest = run_postcopy(source, RevertOptions(postcopy_pct=pct), [])
+    if pct == 100:  # the ROM block at the end has data: every page goes before LISTEN
+        assert not any(isinstance(x, (r.Packaged, r.PostcopyListen)) for x in dest.records)
+        assert (
+            b"".join(x.data for x in dest.records if isinstance(x, r.DeviceStateChunk))
+            == source.device
+        )
+        assert stats.precopy_pages == 304
+        return
     package = next(i for i, x in enumerate(dest.records) if isinstance(x, r.Packaged))
+    discards = [x for x in dest.records[:package] if isinstance(x, r.PostcopyRamDiscard)]
+    sent = {
+        (x.block, x.offset) for x in dest.records[:package] if isinstance(x, (r.RamPage, r.RamZero))
+    }
+    discarded = {
+        (x.block, start + pos)
+        for x in discards
+        for start, length in x.ranges
+        for pos in range(0, length, PAGE)
+    }
+    assert not sent & discarded
+    assert len(sent | discarded) == 304
     before = [x for x in dest.records[:package] if isinstance(x, r.RamPage)]
     data_pages = 250 + 4
     assert len(before) == -(-data_pages * pct // 100)
     assert stats.precopy_pages + stats.background_pages == 304
+    assert all(len(x.ranges) <= 12 for x in discards)
 
 
 def test_request_outside_the_snapshot_is_an_error_naming_it() -> None:
