@@ -127,6 +127,7 @@ class StreamReader:
         self._blocks: dict[bytes, tuple[str, int]] | None = None
         self._last_block: tuple[str, int] | None = None
         self._raw_pending: list[bytes] = []
+        self._leftover: list[r.Record] = []
         self._tail: DeviceStateEndTracker | None = None
         self._error: StreamError | None = None
         self._closed = False
@@ -169,6 +170,9 @@ class StreamReader:
         """Iterate over every record complete in the bytes fed so far."""
         if self._error is not None:
             raise self._error
+        if self._leftover:
+            leftover, self._leftover = self._leftover, []
+            return iter(leftover)
         return chain.from_iterable(self._segments())
 
     def _segments(self) -> Iterator[Iterable[r.Record]]:
@@ -190,14 +194,19 @@ class StreamReader:
                 yield (rec,)
 
     def close(self) -> None:
-        """Declare the end of input; raises StreamError if the stream is incomplete."""
+        """Declare the end of input; raises StreamError if the stream is incomplete.
+
+        Records complete but not yet drained can still be read with records().
+        """
         if self._error is not None:
             raise self._error
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            # Records not drained yet stay available to records().
+            self._leftover.extend(chain.from_iterable(self._segments()))
         end = self._base + len(self._buf)
         state = self._state
         if state is _RAW:
-            list(self._raw_records())
             assert self._tail is not None
             if self.options.packaged:
                 return  # a package holds device sections without EOF

@@ -189,3 +189,16 @@ def test_feed_after_close_is_a_usage_error() -> None:
 def test_bad_page_size_option(page_size: int) -> None:
     with pytest.raises(ValueError):
         StreamOptions(page_size=page_size)
+
+
+def test_close_keeps_undrained_records() -> None:
+    data = HEADER + CONFIG + TIMER + b"state\x00"
+    reader = StreamReader(StreamOptions(expect_ram=False))
+    reader.feed(data)
+    reader.close()
+    out = list(reader.records())
+    assert out[:2] == [r.StreamHeader(3), r.Configuration("pc-i440fx-10.0")]
+    assert b"".join(encode(rec) for rec in out) == data
+    assert reader.device_state_end is not None
+    assert reader.device_state_end.eof_offset == len(data) - 1
+    assert list(reader.records()) == []
