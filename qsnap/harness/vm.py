@@ -270,7 +270,7 @@ class VM:
         deadline = time.monotonic() + timeout
         error: Exception | None = None
         while True:
-            if self._proc.poll() is not None:
+            if self.exitcode is not None:
                 self._fail_launch("QEMU exited during start-up")
             if self.qmp_socket.exists():
                 qmp = SyncQMP(self.name)
@@ -301,16 +301,32 @@ class VM:
 
     def is_running(self) -> bool:
         """Whether the QEMU process exists and has not exited."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self.exitcode is None
 
     @property
     def exitcode(self) -> int | None:
-        return self._proc.poll() if self._proc is not None else None
+        """QEMU's exit status (negative: killed by that signal), None while it runs.
+
+        An exited QEMU is not reaped here: as long as it is an unreaped zombie, its pid,
+        which is also the id of its process group, cannot be reused, so `_reap` can kill
+        what is left of the group (exec: migration children) without reaching anyone else.
+        """
+        if self._proc is None:
+            return None
+        if self._proc.returncode is not None:
+            return self._proc.returncode
+        info = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is None or info.si_pid == 0:
+            return None
+        if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            return -info.si_status
+        return info.si_status
 
     def shutdown(self, timeout: float = 10.0) -> int | None:
         """Quit QEMU (QMP `quit`), kill it if it does not exit in time, release everything.
 
-        Safe to call more than once and after a failure. Returns QEMU's exit status.
+        Processes QEMU started (exec: migration commands) are killed too. Safe to call
+        more than once and after a failure. Returns QEMU's exit status.
         """
         if self._closed:
             return self.exitcode
@@ -319,23 +335,26 @@ class VM:
                 self._qmp.execute("quit", timeout=min(timeout, 5.0))
             except (QMPCommandError, QMPConnectionError, QMPTimeout) as exc:
                 log.debug("%s: quit: %s", self.name, exc)
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s: QEMU did not quit within %g s, killing it", self.name, timeout)
-                self.kill()
+        deadline = time.monotonic() + timeout
+        while self.is_running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.is_running():
+            log.warning("%s: QEMU did not quit within %g s, killing it", self.name, timeout)
+        self._reap()
         status = self.exitcode
         self._close_resources()
         return status
 
     def kill(self) -> None:
-        """SIGKILL QEMU and the children it started, and reap it."""
-        if self._proc is None:
+        """SIGKILL QEMU and the processes it started, and reap it."""
+        self._reap()
+
+    def _reap(self) -> None:
+        """SIGKILL QEMU's process group (QEMU itself if still running), then reap QEMU."""
+        if self._proc is None or self._proc.returncode is not None:
             return
-        if self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
         try:
             self._proc.wait(10.0)
         except subprocess.TimeoutExpired:

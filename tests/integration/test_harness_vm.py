@@ -184,3 +184,38 @@ def test_context_manager_shuts_down(tmp_path: Path) -> None:
     assert vm.exitcode == 0
     with pytest.raises(VMError, match="not launched"):
         vm.runstate()
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    """Whether process `pid` ends (or is only a zombie) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_stuck_migration_times_out_and_shutdown_ends_everything(
+    vms: VMFactory, tmp_path: Path
+) -> None:
+    vm = vms()
+    vm.stop()
+    pid_file = tmp_path / "child.pid"
+    # The command never reads: the pipe fills and the migration stalls.
+    vm.migrate(f"exec:echo $$ > {pid_file}; exec sleep 600")
+    start = time.monotonic()
+    with pytest.raises(VMTimeout, match=r"migration still (active|setup) after 1 s"):
+        vm.wait_migration(timeout=1)
+    assert time.monotonic() - start < 10
+    child = int(pid_file.read_text())
+    assert not gone(child, timeout=0), "the migration command should still be running"
+    vm.shutdown(timeout=3)
+    assert not vm.is_running()
+    assert gone(child), "shutdown left QEMU's migration command running"
+    assert time.monotonic() - start < 40
