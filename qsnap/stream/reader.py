@@ -36,6 +36,7 @@ from .cursor import Cursor, NeedMore
 from .device_tail import DeviceStateEnd, DeviceStateEndTracker
 from .errors import StreamError
 from .options import StreamOptions, check_page_size
+from .text import decode_name
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class StreamReader:
             self._fail(
                 f"configuration machine name of {length} bytes (at most {MAX_MACHINE_NAME})", at
             )
-        machine = cur.take(length).decode("utf-8", "surrogateescape")
+        machine = decode_name(cur.take(length))
         subsections: list[r.ConfigSubsection] = []
         seen: set[str] = set()
         while True:
@@ -557,7 +558,7 @@ class StreamReader:
                     return
                 blk = blocks.get(buf[pos + 9 : name_end])
                 if blk is None:
-                    name = buf[pos + 9 : name_end].decode("utf-8", "surrogateescape")
+                    name = decode_name(buf[pos + 9 : name_end])
                     self._fail(f"RAM block {name!r} is not in the MEM_SIZE list", self._base + pos)
                 if addr >= blk[1]:
                     self._bad_offset(blk[0], addr, blk[1], pos)
@@ -644,7 +645,7 @@ class StreamReader:
         while left:
             entry_at = cur.offset
             raw = cur.take(cur.u8())
-            name = raw.decode("utf-8", "surrogateescape")
+            name = decode_name(raw)
             length = cur.be64()
             page_size = cur.be64() if self._carries_page_size(name) else None
             mr_addr = cur.be64() if self._ignore_shared else None

@@ -202,3 +202,23 @@ def test_close_keeps_undrained_records() -> None:
     assert reader.device_state_end is not None
     assert reader.device_state_end.eof_offset == len(data) - 1
     assert list(reader.records()) == []
+
+
+def test_records_do_not_alias_the_fed_buffers() -> None:
+    page = bytes(range(256)) * 16
+    data = bytearray(
+        HEADER + CONFIG
+        + b"\x01" + be32(2) + b"\x03ram" + be32(0) + be32(4)
+        + be64(0x1000 | 4) + b"\x01a" + be64(0x1000) + be64(0x10) + b"\x7e" + be32(2)
+        + b"\x02" + be32(2) + be64(0x08) + b"\x01a" + page + be64(0x10) + b"\x7e" + be32(2)
+        + b"\x00"
+    )  # fmt: skip
+    reader = StreamReader()
+    reader.feed(memoryview(data)[:100])
+    reader.feed(data[100:])
+    out = list(reader.records())
+    reader.close()
+    data[:] = bytes(len(data))
+    pages = [rec for rec in out if isinstance(rec, r.RamPage)]
+    assert [type(p.data) for p in pages] == [bytes]
+    assert pages[0].data == page
