@@ -256,15 +256,17 @@ class NbdClient:
 
     def _send(self, *parts: bytes | bytearray | memoryview) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
+        i = 0
         try:
-            while views:
-                sent = self._sock.sendmsg(views)
-                while sent and views:
-                    if sent >= len(views[0]):
-                        sent -= len(views[0])
-                        views.pop(0)
+            while i < len(views):
+                sent = self._sock.sendmsg(views[i : i + 1024])
+                while sent:
+                    n = len(views[i])
+                    if sent >= n:
+                        sent -= n
+                        i += 1
                     else:
-                        views[0] = views[0][sent:]
+                        views[i] = views[i][sent:]
                         sent = 0
         except TimeoutError:
             raise NbdError("NBD server stopped reading requests") from None
@@ -346,7 +348,7 @@ class NbdClient:
         offset: int,
         length: int,
         flags: CmdFlag = CmdFlag.NONE,
-        payload: bytes | bytearray | memoryview | None = None,
+        *payload: bytes | bytearray | memoryview,
     ) -> int:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise NbdError(
@@ -363,10 +365,7 @@ class NbdClient:
             pending.buffer = bytearray(length)
         self._pending[cookie] = pending
         header = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-        if payload is None:
-            self._send(header)
-        else:
-            self._send(header, payload)
+        self._send(header, *payload)
         return cookie
 
     def submit_read(self, offset: int, length: int) -> int:
@@ -383,6 +382,16 @@ class NbdClient:
             raise NbdError(f"NBD WRITE of {length} bytes exceeds the server maximum")
         flags = CmdFlag.FUA if fua else CmdFlag.NONE
         return self._submit(Cmd.WRITE, offset, length, flags, data)
+
+    def submit_writev(
+        self, offset: int, parts: list[bytes | memoryview], *, fua: bool = False
+    ) -> int:
+        """One WRITE of the concatenation of ``parts``, sent with sendmsg (no copy)."""
+        length = sum(memoryview(p).nbytes for p in parts)
+        if length > self.max_payload:
+            raise NbdError(f"NBD WRITE of {length} bytes exceeds the server maximum")
+        flags = CmdFlag.FUA if fua else CmdFlag.NONE
+        return self._submit(Cmd.WRITE, offset, length, flags, *parts)
 
     def submit_write_zeroes(
         self, offset: int, length: int, *, may_trim: bool = True, fast: bool = False

@@ -235,6 +235,7 @@ class SnapshotImage:
         header = self.complete_header()
         digests = b"".join(self._read_range(header.digests.offset, header.digests.end, CHUNK))
         page = header.page_size
+        digest = layout.page_digester(header.digest_algorithm)
         mismatches: list[Mismatch] = []
         count = pages = 0
         index = 0
@@ -244,7 +245,7 @@ class SnapshotImage:
                 block.image_offset, block.image_offset + block.used_length, CHUNK
             ):
                 for i in range(0, len(chunk), page):
-                    got = layout.page_digest(chunk[i : i + page])
+                    got = digest(chunk[i : i + page])
                     want = digests[index * 8 : index * 8 + 8]
                     if got != want:
                         count += 1

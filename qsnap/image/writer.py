@@ -10,6 +10,7 @@ exception leaves the header at SAVING, so a failed save is never mistaken for a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from qsnap.image import layout
@@ -20,6 +21,7 @@ from qsnap.image.snapshot import SnapshotImage, describe_incomplete
 log = logging.getLogger(__name__)
 
 MAX_WRITE = 2 * layout.MiB
+MAX_PARTS = 512  # iovecs per write, well under IOV_MAX (1024)
 ZERO_CHUNK = 1 << 30
 
 
@@ -87,12 +89,13 @@ class ImageWriter:
         self._passes = Pass.NONE  # parts this stream has brought
         self._blocks: dict[str, _BlockState] = {}
         self._digests = bytearray()
-        self._buf = bytearray(max_write)
+        self._parts: list[bytes | memoryview] = []
         self._buf_len = 0
         self._buf_start = 0
         self._ds = Region()
         self._ds_hasher = layout.device_state_hasher()
         self._zero_digest = b""
+        self._digest: Callable[[layout.PageBuffer], bytes] = layout.page_digest
 
     # -- pass placement -----------------------------------------------------------------
 
@@ -162,7 +165,8 @@ class ImageWriter:
         )
         self._begin(header, zero_from)
         self._passes |= Pass.RAM
-        self._zero_digest = layout.page_digest(bytes(head.page_size))
+        self._digest = layout.page_digester(header.digest_algorithm)
+        self._zero_digest = self._digest(bytes(head.page_size))
         pos = 0
         for i, entry in enumerate(blocks):
             pages = header.page_count(entry)
@@ -205,24 +209,26 @@ class ImageWriter:
 
     def _flush_buffer(self) -> None:
         if self._buf_len:
-            self.client.submit_write(self._buf_start, memoryview(self._buf)[: self._buf_len])
+            self.client.submit_writev(self._buf_start, self._parts)
             self.stats.written_bytes += self._buf_len
             self._buf_len = 0
+            self._parts = []
 
     def _append(self, image_offset: int, data: bytes | memoryview) -> None:
+        """Queue ``data`` (kept by reference, never copied) for a gathered write."""
         n = len(data)
         if self._buf_len and (
-            image_offset != self._buf_start + self._buf_len or self._buf_len + n > self._max_write
+            image_offset != self._buf_start + self._buf_len
+            or self._buf_len + n > self._max_write
+            or len(self._parts) >= MAX_PARTS
         ):
             self._flush_buffer()
         if not self._buf_len:
             self._buf_start = image_offset
-        if n > self._max_write:
-            self.client.submit_write(image_offset, data)
-            self.stats.written_bytes += n
-            return
-        self._buf[self._buf_len : self._buf_len + n] = data
+        self._parts.append(data)
         self._buf_len += n
+        if self._buf_len >= self._max_write:
+            self._flush_buffer()
 
     def _locate(self, block: str, offset: int, length: int) -> _BlockState:
         state = self._blocks.get(block)
@@ -242,7 +248,7 @@ class ImageWriter:
         index = offset // page_size
         state.written[index >> 3] |= 1 << (index & 7)
         d = (state.digest_base + index) * layout.PAGE_DIGEST_SIZE
-        self._digests[d : d + layout.PAGE_DIGEST_SIZE] = layout.page_digest(data)
+        self._digests[d : d + layout.PAGE_DIGEST_SIZE] = self._digest(data)
         self._append(state.entry.image_offset + offset, data)
         self.stats.data_pages += 1
 
