@@ -16,8 +16,15 @@ from pathlib import Path
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from qsnap.stream import RamEncoder, StreamReader, encode, split_device_state_tail
+from qsnap.stream import (
+    RamEncoder,
+    ReturnPathReader,
+    StreamReader,
+    encode,
+    split_device_state_tail,
+)
 from qsnap.stream import records as r
+from qsnap.stream import return_path as rp
 
 pytestmark = pytest.mark.qemu
 
@@ -248,3 +255,24 @@ def test_qemu_loads_what_the_writer_generates(
         assert isinstance(status, dict) and status["status"] == "paused"
         again = _background_snapshot(qmp, tmp_path / "again.bin")
     assert _memory(_parse(again, 1 << 20).records) == _memory(parsed.records)
+
+
+def test_commands_and_return_path_with_qemu(
+    snapshot: Snapshot, parsed: Parsed, tmp_path: Path
+) -> None:
+    """QEMU accepts OPEN_RETURN_PATH, PING and SWITCHOVER_START as encoded here, and
+    its return path (PONG, then SHUT 0 after the load) decodes as expected."""
+    recs = list(parsed.records)
+    first_device = next(i for i, rec in enumerate(recs) if isinstance(rec, r.DeviceStateStart))
+    recs[first_device:first_device] = [r.SwitchoverStart()]
+    recs[2:2] = [r.OpenReturnPath(), r.Ping(0x51534E50)]
+    stream = tmp_path / "commands.bin"
+    stream.write_bytes(b"".join(encode(rec) for rec in recs))
+    rp_file = tmp_path / "rp.bin"
+    with _qemu(tmp_path, snapshot.machine, "-S", "-incoming", "defer") as qmp:
+        qmp.cmd("migrate-incoming", uri=f"exec:cat {stream} & cat > {rp_file}")
+        _wait_migration(qmp)
+    reader = ReturnPathReader()
+    reader.feed(rp_file.read_bytes())
+    assert list(reader.messages()) == [rp.Pong(0x51534E50), rp.Shut(0)]
+    reader.close()
