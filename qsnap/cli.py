@@ -223,19 +223,27 @@ def qemu_snapshot_main(argv: list[str] | None = None) -> int:
     """``qemu-snapshot [-r|--revert] [--postcopy[=PCT]] [--save-vmstate] [--page-size=N] SPEC``."""
     parser = argparse.ArgumentParser(prog="qemu-snapshot")
     parser.add_argument("-r", "--revert", action="store_true", help="revert (stream to stdout)")
-    parser.add_argument("--postcopy", nargs="?", const="", default=None, metavar="PCT")
+    parser.add_argument("--postcopy", action="store_true", help="--postcopy[=PCT]: postcopy revert")
     parser.add_argument("--save-vmstate", action="store_true")
     parser.add_argument("--page-size", default=None, metavar="N")
     parser.add_argument("spec", metavar="SPEC")
-    args = parser.parse_args(argv)
+    # PCT is only ever attached with '=', so that "--postcopy IMG" keeps IMG the spec.
+    pct: str | None = None
+    rest = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--postcopy="):
+            pct = arg.split("=", 1)[1]
+            arg = "--postcopy"
+        rest.append(arg)
+    args = parser.parse_args(rest)
     if args.revert:
         if args.save_vmstate:
             parser.error("--save-vmstate is a save option")
         out = ["revert", args.spec]
-        if args.postcopy is not None:
-            out.append("--postcopy" if args.postcopy == "" else f"--postcopy={args.postcopy}")
+        if args.postcopy:
+            out.append("--postcopy" if pct is None else f"--postcopy={pct}")
     else:
-        if args.postcopy is not None:
+        if args.postcopy:
             parser.error("--postcopy needs --revert")
         out = ["save", args.spec]
         if args.save_vmstate:
