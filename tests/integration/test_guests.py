@@ -30,12 +30,15 @@ def vms(tmp_path: Path) -> Iterator[VMFactory]:
     factory.close()
 
 
-@pytest.fixture
-def agent(vms: VMFactory) -> Iterator[AgentClient]:
-    vm = vms.create(name="linux", memory_mib=LINUX_MIB)
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentClient]:
+    """One booted linux guest for the module; tests leave its writer stopped."""
+    factory = VMFactory(tmp_path_factory.mktemp("linux"))
+    vm = factory.create(name="linux", memory_mib=LINUX_MIB)
     client = LinuxGuest.build().boot(vm)
     yield client
     client.close()
+    factory.close()
 
 
 def test_linux_agent_fills_writes_and_verifies(agent: AgentClient) -> None:
@@ -48,6 +51,8 @@ def test_linux_agent_fills_writes_and_verifies(agent: AgentClient) -> None:
     assert (fresh.pages, fresh.k, fresh.g, fresh.bad) == (pages, 0, 0, 0)
 
     agent.writer_start(2000)
+    with pytest.raises(AgentError, match="writer running"):
+        agent.command(f"fill {REGION_MIB} 1")
     deadline = time.monotonic() + 30
     while int(agent.command("status")["k"]) < 100:
         assert time.monotonic() < deadline, "the writer does not advance"
@@ -71,8 +76,10 @@ def test_linux_agent_fills_writes_and_verifies(agent: AgentClient) -> None:
 def test_linux_agent_rejects_bad_commands(agent: AgentClient) -> None:
     with pytest.raises(AgentError, match="usage: fill MIB SEED"):
         agent.command("fill many 1")
-    with pytest.raises(AgentError, match="no region"):
-        agent.command("writer start 10")
+    with pytest.raises(AgentError, match="usage: writer start PAGES_PER_SEC"):
+        agent.command("writer start 0")
+    with pytest.raises(AgentError, match="usage: fill MIB SEED"):
+        agent.command("fill 0 1")
     with pytest.raises(AgentError, match="unknown command: frobnicate"):
         agent.command("frobnicate")
     with pytest.raises(AgentError, match="longer than 255 bytes"):
