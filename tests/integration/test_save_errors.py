@@ -235,3 +235,49 @@ def test_migrate_cancel(tmp_path: Path) -> None:
     text = err.read_text()
     assert text.count("\n") == 1 and "stream truncated at byte" in text, text
     assert_not_complete(image)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_save_and_its_daemon(
+    stream: bytes, tmp_path: Path, sig: signal.Signals
+) -> None:
+    image = create(tmp_path / "sig.qcow2")
+    proc = subprocess.Popen(
+        [QSNAP, "save", str(image)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(stream[: len(stream) // 4])
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not (daemons := _children(proc.pid)):
+            assert time.monotonic() < deadline, "no qemu-storage-daemon started"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1
+    assert out == b""
+    assert err.decode() == f"qsnap save: error: interrupted by {sig.name}\n"
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in daemons)
+    verify = qsnap("verify", str(image))  # the signal may come before the header is written
+    assert verify.returncode == 1
+    assert "incomplete image" in verify.stderr or "header is empty" in verify.stderr
