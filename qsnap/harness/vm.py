@@ -491,6 +491,22 @@ class VM:
         """The VM run state (`query-status`)."""
         return RunState(self.command("query-status")["status"])
 
+    def wait_runstate(
+        self, states: RunState | Iterable[RunState], timeout: float, poll: float = 0.05
+    ) -> RunState:
+        """Poll `query-status` until the run state is one of `states`; return it."""
+        wanted = frozenset({states} if isinstance(states, RunState) else states)
+        deadline = time.monotonic() + timeout
+        while (state := self.runstate()) not in wanted:
+            if time.monotonic() > deadline:
+                names = ", ".join(sorted(s.value for s in wanted))
+                raise VMTimeout(
+                    f"{self.name}: run state still {state.value}, not {names}, "
+                    f"after {timeout:g} s\n{self.diagnostics()}"
+                )
+            time.sleep(poll)
+        return state
+
     def stop(self) -> None:
         self.command("stop")
 

@@ -160,6 +160,10 @@ def test_plain_migration_into_an_incoming_vm(vms: VMFactory, tmp_path: Path) -> 
     target.migrate_incoming(f"exec:cat {stream}")
     assert target.wait_migration(timeout=120).status is MigrationStatus.COMPLETED
     assert target.runstate() is RunState.PAUSED
+    with pytest.raises(VMTimeout, match=r"run state still paused, not running, after 0\.2 s"):
+        target.wait_runstate(RunState.RUNNING, timeout=0.2)
+    target.cont()
+    assert target.wait_runstate(RunState.RUNNING, timeout=10) is RunState.RUNNING
 
 
 def test_serial_ports_after_the_console(vms: VMFactory) -> None:
