@@ -11,6 +11,7 @@ or from any iterable of pages (`reference_from_pages`), e.g. read back from an i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -157,7 +158,7 @@ class ReferenceBuilder:
             for ref in self.missing():
                 self.add_zero(ref.block, ref.offset)
         else:
-            absent = list(_first(self.missing(), 6))
+            absent = list(itertools.islice(self.missing(), 6))
             if absent:
                 listed = ", ".join(str(ref) for ref in absent[:5])
                 more = " ..." if len(absent) > 5 else ""
@@ -168,13 +169,6 @@ class ReferenceBuilder:
                 for idstr, length in self._lengths.items()
             )
         )
-
-
-def _first(items: Iterator[PageRef], count: int) -> Iterator[PageRef]:
-    for n, item in enumerate(items):
-        if n == count:
-            return
-        yield item
 
 
 def reference_from_pages(
