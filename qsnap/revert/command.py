@@ -10,11 +10,13 @@ OPEN_RETURN_PATH) and exits as soon as it is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import stat
 import sys
+from collections.abc import Sequence
 
 from qsnap.image.errors import ImageError
 from qsnap.image.snapshot import SnapshotImage
@@ -43,16 +45,40 @@ def _percent(text: str) -> int:
     return value
 
 
+class _PostcopyAction(argparse.Action):
+    """``--postcopy[=PCT]``: a following word that is not a number is the IMAGE.
+
+    argparse would otherwise take ``--postcopy IMAGE`` as PCT=IMAGE.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if isinstance(values, str) and not values.lstrip("-").isdigit():
+            namespace.image_after_postcopy = values
+            values = None
+        try:
+            pct = 0 if values is None else _percent(str(values))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+        setattr(namespace, self.dest, pct)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``qsnap revert`` (also used by the ``qemu-snapshot --revert`` syntax)."""
-    parser.add_argument("image", metavar="IMAGE", help="blockdev spec of the snapshot image")
+    parser.add_argument(
+        "image", metavar="IMAGE", nargs="?", help="blockdev spec of the snapshot image"
+    )
     parser.add_argument(
         "--postcopy",
         metavar="PCT",
         nargs="?",
-        const=0,
         default=None,
-        type=_percent,
+        action=_PostcopyAction,
         help="postcopy revert; first send PCT %% of the data pages by precopy (default 0)",
     )
     parser.add_argument(
@@ -87,9 +113,12 @@ def _stdin_is_channel() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def revert(args: argparse.Namespace) -> RevertStats:
+def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
     """Run the revert described by ``args``; RevertError or ImageError on failure."""
-    if os.isatty(1):
+    image = args.image or getattr(args, "image_after_postcopy", None)
+    if image is None or (args.image and getattr(args, "image_after_postcopy", None)):
+        raise RevertError("exactly one IMAGE is needed")
+    if os.isatty(sink.fd):
         raise RevertError("stdout is a terminal: run this from QEMU (exec:) or redirect it")
     postcopy = args.postcopy is not None
     use_rp = not args.no_return_path and _stdin_is_channel()
@@ -102,36 +131,53 @@ def revert(args: argparse.Namespace) -> RevertStats:
         progress=args.progress,
         max_bandwidth=int(args.max_bandwidth * 2**20),
     )
-    source = ImageSource(SnapshotImage.open(parse_spec(args.image)))
+    sink.stall_timeout = options.stall_timeout
+    source = ImageSource(SnapshotImage.open(parse_spec(image)))
     try:
         rp = ReturnPath(0) if use_rp else None
-        sink = StreamSink(1, options.stall_timeout, AbortCheck(rp))
-        try:
-            if postcopy:
-                assert rp is not None
-                sender = PostcopySender(source, sink, rp, options)
-                rp.start()
-                return sender.run()
-            if rp is not None:
-                rp.start()
-            return revert_precopy(source, sink, rp, options)
-        finally:
-            sink.close()
+        sink.abort_check = AbortCheck(rp)
+        if postcopy:
+            assert rp is not None
+            sender = PostcopySender(source, sink, rp, options)
+            rp.start()
+            return sender.run()
+        if rp is not None:
+            rp.start()
+        return revert_precopy(source, sink, rp, options)
     finally:
         source.close()
 
 
+REFUSED = b"qsnap revert refused the image: see its error on stderr\n"
+"""Written instead of a stream when nothing was sent yet and stdout is a pipe.
+
+QEMU's exec: incoming side only wakes up when the channel is readable (G_IO_IN); a
+command that exits without writing leaves it waiting in "setup" for ever.  These bytes
+are not a stream header, so QEMU fails at once ("Not a migration stream").
+"""
+
+
+def _refuse(sink: StreamSink) -> None:
+    if sink.bytes_written == 0 and sink.pollable:
+        with contextlib.suppress(OSError, RevertError):
+            sink.write([REFUSED])
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of the subcommand: one summary or error line on stderr, exit status."""
+    sink = StreamSink(1)
     try:
         with revert_signals():
-            stats = revert(args)
+            stats = revert(args, sink)
     except (RevertError, ImageError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        _refuse(sink)
         return 1
     except Terminated:
         print(f"{PROG}: error: terminated by SIGTERM", file=sys.stderr, flush=True)
         return 1
+    finally:
+        sink.close()
     if args.json:
         print(json.dumps({"status": "ok", **stats.as_dict()}), file=sys.stderr, flush=True)
     else:

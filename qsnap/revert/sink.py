@@ -37,16 +37,16 @@ class StreamSink:
         self.abort_check = abort_check
         self.bytes_written = 0
         mode = os.fstat(fd).st_mode
-        self._pollable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        self.pollable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
         self._blocking = os.get_blocking(fd)
-        if self._pollable:
+        if self.pollable:
             os.set_blocking(fd, False)
         self._poll = select.poll()
         self._poll.register(fd, select.POLLOUT)
 
     def close(self) -> None:
         """Give the descriptor its blocking mode back (it is not closed)."""
-        if self._pollable:
+        if self.pollable:
             os.set_blocking(self.fd, self._blocking)
 
     def _wait_writable(self) -> None:

@@ -108,8 +108,16 @@ class ImageSource:
     """``RevertSource`` over an open, complete ``qsnap.image.SnapshotImage``."""
 
     def __init__(self, image: SnapshotImage, depth: int = 8) -> None:
+        """Takes ownership of ``image``: it is closed here if it cannot be reverted."""
         self._image: SnapshotImage | None = image
         self.depth = depth
+        try:
+            self._check(image)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, image: SnapshotImage) -> None:
         header = image.complete_header()
         self._header = header
         self.prologue = header.prologue
