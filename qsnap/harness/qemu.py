@@ -159,7 +159,6 @@ class Probe:
 
 
 _NR_USERFAULTFD_X86_64 = 323
-_USERFAULTFD_IOC_NEW = 0xAA00  # _IO(0xAA, 0x00)
 
 
 def userfaultfd_available() -> Probe:
