@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -91,6 +92,8 @@ def _add_save(p: argparse.ArgumentParser) -> None:
 
 def _run_save(args: argparse.Namespace) -> int:
     prog = "qsnap save"
+    if os.isatty(0):
+        return _fail(prog, "stdin is a terminal: pipe a migration stream into it (exec:)")
     try:
         result = save(
             parse_spec(args.image),

@@ -246,7 +246,13 @@ class ImageWriter:
         page_size = len(data)
         state = self._locate(block, offset, page_size)
         index = offset // page_size
-        state.written[index >> 3] |= 1 << (index & 7)
+        bit = 1 << (index & 7)
+        if state.written[index >> 3] & bit:
+            # sent again (precopy resends dirty pages): in-flight NBD requests are not
+            # ordered, so the older copy must land first
+            self._flush_buffer()
+            self.client.drain()
+        state.written[index >> 3] |= bit
         d = (state.digest_base + index) * layout.PAGE_DIGEST_SIZE
         self._digests[d : d + layout.PAGE_DIGEST_SIZE] = self._digest(data)
         self._append(state.entry.image_offset + offset, data)
@@ -262,6 +268,7 @@ class ImageWriter:
             d = (state.digest_base + index) * layout.PAGE_DIGEST_SIZE
             self._digests[d : d + layout.PAGE_DIGEST_SIZE] = self._zero_digest
             self._flush_buffer()
+            self.client.drain()  # the data write must not overtake the zeroing
             self.client.submit_write_zeroes(state.entry.image_offset + offset, page_size)
 
     def device_state(self, data: bytes | memoryview) -> None:
