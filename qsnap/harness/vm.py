@@ -586,9 +586,16 @@ class VM:
         try:
             self.migrate(uri)
             result = self.wait_migration(timeout)
+        except VMTimeout:
+            with contextlib.suppress(VMError):
+                self.command("migrate_cancel")
+            raise
         finally:
             if not had and self.is_running():
-                self.set_migration_capabilities({"background-snapshot": False})
+                try:
+                    self.set_migration_capabilities({"background-snapshot": False})
+                except VMError as exc:
+                    log.warning("%s: background-snapshot not reset: %s", self.name, exc)
         if not result.ok:
             raise VMError(f"{self.name}: background snapshot to {uri}: {result}")
         after = self.runstate()
