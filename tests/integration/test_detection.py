@@ -2,16 +2,18 @@
 
 For each guest, a running VM is background-snapshotted to a file; corrupted variants of
 the stream are written with qsnap.stream (a page zeroed, two pages swapped, a page from
-an earlier or a later snapshot, a byte flipped); each is loaded into a fresh QEMU with
-`migrate-incoming exec:cat FILE`, and the guest's check must name exactly the pages that
-were damaged, for the right reason, while the untouched stream passes.
+an earlier or a later snapshot, a page torn between two snapshots, a byte flipped); each
+is loaded into a fresh QEMU with `migrate-incoming exec:cat FILE`, and the guest's check
+must name exactly the pages that were damaged, for the right reason, while the untouched
+stream passes.
 
 linux: the agent's own `verify`, with its writer running. The destination starts paused
 (-S), the verify request is queued on the agent's serial port before `cont`, and the
 damaged pages are chosen far ahead of (or just behind) the writer, so the writer cannot
 repair them before the agent looks.
-pattern: the host-side sweep rule over guest RAM read with `pmemsave`, after the guest
-has run a little more (its sweeps keep any damage: they add the same to every page).
+pattern: the host-side sweep rule over guest RAM read with `pmemsave`, as loaded and
+again after the guest swept on a little (its sweeps keep any damage: they add the same
+to every page).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Damage(enum.StrEnum):
     SWAP = "swapped"
     EARLIER = "earlier"
     LATER = "later"
+    TORN = "torn"
     FLIP = "byte-flipped"
 
 
@@ -240,6 +243,21 @@ def linux_damage(
         flipped[1000] ^= 0x01
         return {key: bytes(flipped)}, {far: PageFault.BAD_CHECKSUM}
     source = snaps.earlier if damage is Damage.EARLIER else snaps.later
+    index = far_page_that_differs(snaps, source)
+    key = pages[index][0]
+    other_data = page_data(source, {key})[key]
+    if damage is Damage.TORN:
+        # The first half as in `main`, the rest as in `later`: a page copied mid-write.
+        half = PAGE_SIZE // 2
+        torn = page_data(snaps.main, {key})[key][:half] + other_data[half:]
+        return {key: torn}, {index: PageFault.BAD_CHECKSUM}
+    fault = PageFault.GEN_TOO_OLD if damage is Damage.EARLIER else PageFault.GEN_TOO_NEW
+    return {key: other_data}, {index: fault}
+
+
+def far_page_that_differs(snaps: LinuxSnapshots, source: Path) -> int:
+    """A page whose generation in `source` differs from `main`, far from the writer."""
+    pages, k = snaps.pages, snaps.k
     other_pages = agent_pages(source)
     differ = [
         i
@@ -248,10 +266,7 @@ def linux_damage(
     ]
     safe = [i for i in differ if WRITER_MARGIN <= ahead(k, i) <= REGION_PAGES - WRITER_MARGIN]
     assert safe, f"no page of {source.name} differs from {snaps.main.name} away from the writer"
-    index = min(safe, key=lambda i: abs(ahead(k, i) - REGION_PAGES // 2))
-    key = pages[index][0]
-    fault = PageFault.GEN_TOO_OLD if damage is Damage.EARLIER else PageFault.GEN_TOO_NEW
-    return {key: page_data(source, {key})[key]}, {index: fault}
+    return min(safe, key=lambda i: abs(ahead(k, i) - REGION_PAGES // 2))
 
 
 def revert_and_verify(vms: VMFactory, linux: LinuxGuest, name: str, stream: Path) -> VerifyReport:
@@ -418,7 +433,11 @@ def load_run_and_check(
     return loaded, after_running
 
 
-@pytest.mark.parametrize("damage", [d for d in Damage if d is not Damage.EARLIER], ids=str)
+PATTERN_DAMAGE = [d for d in Damage if d not in (Damage.EARLIER, Damage.TORN)]
+"""Only the first byte of a page matters to the pattern guest: torn is a later first byte."""
+
+
+@pytest.mark.parametrize("damage", PATTERN_DAMAGE, ids=str)
 def test_pattern_sweep_check_detects(
     damage: Damage,
     vms: VMFactory,
