@@ -635,6 +635,8 @@ class VMFactory:
         options = {**self.defaults, **kwargs}
         options.setdefault("name", f"vm{len(self.vms)}")
         options.setdefault("log_dir", self.log_dir)
+        if any(vm.name == options["name"] for vm in self.vms):
+            raise ValueError(f"a VM named {options['name']!r} exists: its logs would be lost")
         vm = VM(**options)
         self.vms.append(vm)
         return vm

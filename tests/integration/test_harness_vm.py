@@ -182,6 +182,12 @@ def test_serial_ports_after_the_console(vms: VMFactory) -> None:
         vm.add_serial_file("late")
 
 
+def test_factory_refuses_a_second_vm_of_the_same_name(vms: VMFactory) -> None:
+    vms.create(name="twin")
+    with pytest.raises(ValueError, match="a VM named 'twin' exists"):
+        vms.create(name="twin")
+
+
 def test_context_manager_shuts_down(tmp_path: Path) -> None:
     with VM(log_dir=tmp_path, memory_mib=32) as vm:
         assert vm.is_running()
