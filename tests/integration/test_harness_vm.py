@@ -21,6 +21,7 @@ from qsnap.harness.vm import (
     VMFactory,
     VMLaunchError,
     VMTimeout,
+    launch_vm,
 )
 
 pytestmark = pytest.mark.qemu
@@ -192,6 +193,9 @@ def test_context_manager_shuts_down(tmp_path: Path) -> None:
     with VM(log_dir=tmp_path, memory_mib=32) as vm:
         assert vm.is_running()
     assert vm.exitcode == 0
+    with launch_vm(log_dir=tmp_path, memory_mib=32, name="launched") as launched:
+        assert launched.runstate() is RunState.RUNNING
+    assert launched.exitcode == 0
     with pytest.raises(VMError, match="not launched"):
         vm.runstate()
 
