@@ -26,10 +26,19 @@ MiB = 1 << 20
 QSNAP = str(Path(sys.executable).with_name("qsnap"))
 
 
-def snapshot(vm: VM, uri: str, timeout: float) -> float:
+def snapshot(vm: VM, command: str, status: Path, timeout: float) -> float:
+    """Seconds until the exec: command has exited (QEMU says completed a bit earlier)."""
+    status.unlink(missing_ok=True)
     start = time.monotonic()
-    vm.background_snapshot(uri, timeout=timeout)
-    return time.monotonic() - start
+    vm.background_snapshot(f"exec:{command}; echo $? >{shlex.quote(str(status))}", timeout)
+    while not (status.exists() and status.read_text().endswith("\n")):
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"{command}: did not exit")
+        time.sleep(0.005)
+    elapsed = time.monotonic() - start
+    if status.read_text() != "0\n":
+        raise SystemExit(f"{command}: exit status {status.read_text().strip()}")
+    return elapsed
 
 
 def main() -> int:
@@ -52,16 +61,17 @@ def main() -> int:
             summary: dict[str, int] = {}
             for _ in range(args.rounds):
                 raw.unlink(missing_ok=True)
-                cat_times.append(snapshot(vm, f"exec:cat > {shlex.quote(str(raw))}", args.timeout))
+                cat = f"cat > {shlex.quote(str(raw))}"
+                cat_times.append(snapshot(vm, cat, tmp / "rc", args.timeout))
                 stream_bytes = raw.stat().st_size
                 raw.unlink()
                 image.unlink(missing_ok=True)
                 os.system(f"{shlex.quote(QSNAP)} create {shlex.quote(str(image))} "
                           f"--ram-size {args.memory_mib}M >/dev/null")  # fmt: skip
                 err = tmp / "save.json"
-                uri = (f"exec:{shlex.quote(QSNAP)} save --json {shlex.quote(str(image))} "
+                cmd = (f"{shlex.quote(QSNAP)} save --json {shlex.quote(str(image))} "
                        f"2>{shlex.quote(str(err))}")  # fmt: skip
-                save_times.append(snapshot(vm, uri, args.timeout))
+                save_times.append(snapshot(vm, cmd, tmp / "rc", args.timeout))
                 summary = json.loads(err.read_text())
         finally:
             vm.shutdown()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,8 +48,16 @@ def save(vm: VM, image: Path) -> str:
         [QSNAP, "create", str(image), "--ram-size", f"{MIB}M"], capture_output=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+    rc = image.with_suffix(".rc")
     q = shlex.quote
-    vm.background_snapshot(f"exec:{q(QSNAP)} save {q(str(image))} 2>{q(str(err))}", timeout=180)
+    cmd = f"{q(QSNAP)} save {q(str(image))} 2>{q(str(err))}; echo $? >{q(str(rc))}"
+    vm.background_snapshot(f"exec:{cmd}", timeout=180)
+    # QEMU says "completed" before it reaps the command: wait for qsnap's status
+    deadline = time.monotonic() + 60
+    while not (rc.exists() and rc.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, "qsnap save did not exit"
+        time.sleep(0.02)
+    assert rc.read_text() == "0\n", err.read_text()
     return err.read_text()
 
 

@@ -13,6 +13,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +55,24 @@ def create(path: Path, ram: str = f"{MIB}M") -> Path:
     return path
 
 
-def save_uri(image: Path, err: Path, tee: Path | None = None) -> str:
-    cmd = f"{shlex.quote(QSNAP)} save {shlex.quote(str(image))} 2>{shlex.quote(str(err))}"
+def save_into(vm: VM, image: Path, err: Path, tee: Path | None = None) -> str:
+    """Background-snapshot ``vm`` into ``qsnap save``; return its stderr once it exited.
+
+    QEMU reports the migration completed before it reaps the exec: command, and ignores
+    its exit status: so wait for qsnap's own status.
+    """
+    q = shlex.quote
+    rc = err.with_suffix(".rc")
+    cmd = f"{q(QSNAP)} save {q(str(image))} 2>{q(str(err))}"
     if tee is not None:
-        cmd = f"tee {shlex.quote(str(tee))} | {cmd}"
-    return f"exec:{cmd}"
+        cmd = f"tee {q(str(tee))} | {cmd}"
+    vm.background_snapshot(f"exec:{cmd}; echo $? >{q(str(rc))}", timeout=120)
+    deadline = time.monotonic() + 60
+    while not (rc.exists() and rc.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, "qsnap save did not exit"
+        time.sleep(0.02)
+    assert rc.read_text() == "0\n", err.read_text()
+    return err.read_text()
 
 
 @dataclass
@@ -124,14 +138,13 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
         raw = tmp / "raw.bin"
         vm.background_snapshot_to_file(raw, timeout=120)
         image = create(tmp / "snap.qcow2")
-        err = tmp / "save.err"
-        vm.background_snapshot(save_uri(image, err, tmp / "teed.bin"), timeout=120)
+        text = save_into(vm, image, tmp / "save.err", tmp / "teed.bin")
         vm.command("pmemsave", val=0, size=MIB << 20, filename=str(tmp / "ram"))
         yield Saved(
             parse(raw.read_bytes()),
             (tmp / "teed.bin").read_bytes(),
             image,
-            err.read_text(),
+            text,
             (tmp / "ram").read_bytes(),
         )
     finally:
@@ -229,11 +242,11 @@ def test_running_guest_is_frozen_at_one_instant(tmp_path: Path) -> None:
         vm.launch()
         vm.wait_console(PatternGuest.MARKER.decode(), timeout=90)
         image = create(tmp_path / "run.qcow2")
-        vm.background_snapshot(save_uri(image, tmp_path / "err"), timeout=120)
+        text = save_into(vm, image, tmp_path / "err")
         assert vm.runstate().value == "running"
     finally:
         vm.shutdown()
-    assert (tmp_path / "err").read_text().endswith("; image complete\n")
+    assert text.endswith("; image complete\n")
     swept = PatternGuest.swept_range(MIB)
     with SnapshotImage.open(str(image)) as snap:
         values = bytes(
