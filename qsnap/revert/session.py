@@ -1,9 +1,11 @@
 """What both revert modes share: options, the stream's opening, and how it ends.
 
-How it ends matters because of the ``exec:`` channel: as soon as QEMU has loaded the
-stream it sends SHUT, closes the channel and kills the command (SIGTERM, then SIGKILL
-10 ms later).  So the image is closed before the last bytes go out, and a SIGTERM that
-arrives while waiting for SHUT is not a failure if SHUT(0) is already on its way.
+How it ends matters because of the ``exec:`` channel: once QEMU has loaded the stream it
+sends SHUT and closes the channel, and closing waits (waitpid, in the main loop) for the
+command to exit; QEMU kills the command (SIGTERM, SIGKILL 10 ms later) only when the
+channel is dropped without a close.  So qsnap must exit promptly after SHUT: the image is
+closed before the last bytes go out, and a SIGTERM while waiting for SHUT still looks at
+what the return path said.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from qsnap.revert.sink import Buffer, StreamSink
 from qsnap.revert.source import RevertSource
 
 SIGTERM_GRACE = 0.005
-"""Seconds left to find SHUT once QEMU has sent SIGTERM (it sends SIGKILL at 10 ms)."""
+"""Seconds left to find SHUT after a SIGTERM (QEMU's SIGKILL may follow 10 ms later)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ import os
 import shlex
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -74,6 +76,31 @@ def revert_into(
         dst.set_migration_capabilities({"postcopy-ram": True})
     dst.migrate_incoming(revert_uri(image, *options))
     return dst
+
+
+def descendants(pid: int) -> Iterator[int]:
+    """Every process below ``pid`` (QEMU's exec: commands and their children)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            yield int(child)
+            yield from descendants(int(child))
+
+
+def wait_children_gone(vm: VM, timeout: float = 60.0) -> None:
+    """Wait until QEMU's exec: command has exited.
+
+    QEMU reports a migration "completed" before its cleanup closes the channel and waits
+    for the command, so an ``exec:qsnap save`` may still be finishing the image then.
+    """
+    assert vm.pid is not None
+    deadline = time.monotonic() + timeout
+    while list(descendants(vm.pid)):
+        assert time.monotonic() < deadline, f"{vm.name}: exec: command still running"
+        time.sleep(0.05)
 
 
 def qsnap_lines(vm: VM) -> list[str]:

@@ -18,6 +18,7 @@ from revert_helpers import (
     MIB,
     QSNAP,
     create_image,
+    descendants,
     qsnap,
     qsnap_lines,
     revert_uri,
@@ -112,18 +113,11 @@ def test_wrong_destination(
         time.sleep(0.1)
 
 
-def _descendants(pid: int) -> Iterator[int]:
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            yield int(child)
-            yield from _descendants(int(child))
-
-
 def _qsnap_revert_pid(qemu_pid: int) -> int:
     """The qsnap revert process QEMU started (under /bin/sh -c, or exec'd by it)."""
     found = [
         pid
-        for pid in _descendants(qemu_pid)
+        for pid in descendants(qemu_pid)
         if b"revert" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         and Path(f"/proc/{pid}/exe").resolve().name.startswith("python")
     ]
