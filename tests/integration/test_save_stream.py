@@ -123,6 +123,12 @@ class Saved:
     image: Path
     stderr: str
     ram: bytes  # pmemsave of pc.ram
+    ramblocks: dict[str, int]  # HMP "info ramblock": idstr -> used length
+
+
+def hmp_ramblocks(vm: VM) -> dict[str, int]:
+    rows = [line.split() for line in vm.hmp("info ramblock").splitlines()[1:] if line.strip()]
+    return {row[0]: int(row[4], 16) for row in rows}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +152,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
             image,
             text,
             (tmp / "ram").read_bytes(),
+            hmp_ramblocks(vm),
         )
     finally:
         vm.shutdown()
@@ -181,6 +188,7 @@ def test_info_matches_the_vm_blocks(saved: Saved) -> None:
         (b.idstr, b.used_length) for b in saved.stream.blocks
     ]
     assert blocks[0]["idstr"] == "pc.ram" and blocks[0]["used_length"] == MIB << 20
+    assert {b["idstr"]: b["used_length"] for b in blocks} == saved.ramblocks
     for b in blocks:
         name = b["idstr"]
         assert b["data_pages"] == sum(1 for k in saved.stream.pages if k[0] == name)
