@@ -518,6 +518,8 @@ class StreamReader:
         unpack = _BE64.unpack_from
         page_c, zero_c, page, zero = _PAGE_C, _ZERO_C, _PAGE, _ZERO
         new_page, new_zero = r.new_ram_page, r.new_ram_zero
+        last = self._last_block
+        last_name, last_length = last if last is not None else ("", -1)
         buf = self._buf
         pos = self._pos
         end = len(buf)
@@ -527,27 +529,25 @@ class StreamReader:
             word = unpack(buf, pos)[0]
             flags = word & mask
             addr = word ^ flags
-            if flags == page_c or flags == zero_c:  # noqa: SIM109 - no tuple per record
-                blk = self._last_block
-                if blk is None:
-                    self._fail("RAM record with CONTINUE but no previous block", self._base + pos)
-                if addr >= blk[1]:
-                    self._bad_offset(blk[0], addr, blk[1], pos)
-                if flags == page_c:
-                    stop = pos + 8 + page_size
-                    if stop > end:
-                        return
-                    self._pos = stop
-                    yield new_page(blk[0], addr, buf[pos + 8 : stop], True)
-                else:
-                    stop = pos + 9
-                    if stop > end:
-                        return
-                    if buf[pos + 8]:
-                        self._bad_fill(buf[pos + 8], pos + 8)
-                    self._pos = stop
-                    yield new_zero(blk[0], addr, True)
-            elif flags == page or flags == zero:  # noqa: SIM109
+            if flags == page_c:
+                if addr >= last_length:
+                    self._bad_continue(addr, pos)
+                stop = pos + 8 + page_size
+                if stop > end:
+                    return
+                self._pos = stop
+                yield new_page(last_name, addr, buf[pos + 8 : stop], True)
+            elif flags == zero_c:
+                if addr >= last_length:
+                    self._bad_continue(addr, pos)
+                stop = pos + 9
+                if stop > end:
+                    return
+                if buf[pos + 8]:
+                    self._bad_fill(buf[pos + 8], pos + 8)
+                self._pos = stop
+                yield new_zero(last_name, addr, True)
+            elif flags == page or flags == zero:  # noqa: SIM109 - no tuple per record
                 blocks = self._blocks
                 if blocks is None:
                     self._fail("RAM page before the RAM block list (MEM_SIZE)", self._base + pos)
@@ -566,14 +566,15 @@ class StreamReader:
                 if stop > end:
                     return
                 self._last_block = blk
+                last_name, last_length = blk
                 if flags == page:
                     self._pos = stop
-                    yield new_page(blk[0], addr, buf[name_end:stop], False)
+                    yield new_page(last_name, addr, buf[name_end:stop], False)
                 else:
                     if buf[name_end]:
                         self._bad_fill(buf[name_end], name_end)
                     self._pos = stop
-                    yield new_zero(blk[0], addr, False)
+                    yield new_zero(last_name, addr, False)
             else:
                 rec = self._ram_other(flags, addr)
                 if rec is None:
@@ -589,6 +590,11 @@ class StreamReader:
                 buf = self._buf
                 pos = self._pos
                 end = len(buf)
+
+    def _bad_continue(self, addr: int, pos: int) -> NoReturn:
+        if self._last_block is None:
+            self._fail("RAM record with CONTINUE but no previous block", self._base + pos)
+        self._bad_offset(self._last_block[0], addr, self._last_block[1], pos)
 
     def _bad_offset(self, block: str, addr: int, used_length: int, pos: int) -> NoReturn:
         self._fail(
