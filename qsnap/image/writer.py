@@ -85,6 +85,12 @@ class ImageWriter:
             self.previous: Header | None = image.read_header()
         except NotAnImage:
             self.previous = None
+        if self.previous is not None and self.previous.complete:
+            # Being replaced: from now on a failed save must not leave the old snapshot
+            # looking like the result.
+            self.previous = self.previous.with_(state=ImageState.SAVING, passes=Pass.NONE)
+            image.write_header(self.previous)
+            self.client.flush()
         self.header: Header | None = None
         self._passes = Pass.NONE  # parts this stream has brought
         self._blocks: dict[str, _BlockState] = {}

@@ -98,7 +98,10 @@ def ram_setup_end(data: bytes) -> int:
 
 
 def test_truncated_stream(stream: bytes, tmp_path: Path) -> None:
+    """Also over a complete snapshot: a failed save never leaves one behind."""
     image = create(tmp_path / "t.qcow2")
+    assert qsnap("save", str(image), stdin=stream).returncode == 0
+    assert qsnap("verify", str(image)).returncode == 0
     cut = len(stream) // 2
     assert_failed(
         qsnap("save", str(image), stdin=stream[:cut]),
