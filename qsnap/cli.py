@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -189,7 +190,8 @@ def _plugin(module: str) -> ModuleType | None:
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` known, other plug-ins are not imported (start-up time)."""
     parser = argparse.ArgumentParser(prog="qsnap", description="External memory snapshots for QEMU")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -198,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         add(p)
         p.set_defaults(handler=handler)
     for name, (module_name, helptext) in PLUGINS.items():
+        if command is not None and command != name:
+            if _plugin_exists(module_name):
+                sub.add_parser(name, help=helptext)
+            continue
         module = _plugin(module_name)
         if module is None:
             continue
@@ -207,8 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plugin_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in BUILTIN else None)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format=f"qsnap {args.command}: %(message)s")

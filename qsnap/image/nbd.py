@@ -255,7 +255,9 @@ class NbdClient:
         return bytes(buf)
 
     def _send(self, *parts: bytes | bytearray | memoryview) -> None:
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        views: list[bytes | memoryview] = [
+            p if type(p) is bytes else memoryview(p).cast("B") for p in parts if len(p)
+        ]
         i = 0
         try:
             while i < len(views):
@@ -266,7 +268,7 @@ class NbdClient:
                         sent -= n
                         i += 1
                     else:
-                        views[i] = views[i][sent:]
+                        views[i] = memoryview(views[i])[sent:]
                         sent = 0
         except TimeoutError:
             raise NbdError("NBD server stopped reading requests") from None
@@ -387,7 +389,7 @@ class NbdClient:
         self, offset: int, parts: list[bytes | memoryview], *, fua: bool = False
     ) -> int:
         """One WRITE of the concatenation of ``parts``, sent with sendmsg (no copy)."""
-        length = sum(memoryview(p).nbytes for p in parts)
+        length = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
         if length > self.max_payload:
             raise NbdError(f"NBD WRITE of {length} bytes exceeds the server maximum")
         flags = CmdFlag.FUA if fua else CmdFlag.NONE

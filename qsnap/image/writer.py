@@ -21,6 +21,7 @@ from qsnap.image.snapshot import SnapshotImage, describe_incomplete
 log = logging.getLogger(__name__)
 
 MAX_WRITE = 2 * layout.MiB
+DIGEST_SIZE = layout.PAGE_DIGEST_SIZE
 MAX_PARTS = 512  # iovecs per write, well under IOV_MAX (1024)
 ZERO_CHUNK = 1 << 30
 
@@ -253,15 +254,26 @@ class ImageWriter:
         state = self._locate(block, offset, page_size)
         index = offset // page_size
         bit = 1 << (index & 7)
-        if state.written[index >> 3] & bit:
+        written = state.written
+        if written[index >> 3] & bit:
             # sent again (precopy resends dirty pages): in-flight NBD requests are not
             # ordered, so the older copy must land first
             self._flush_buffer()
             self.client.drain()
-        state.written[index >> 3] |= bit
-        d = (state.digest_base + index) * layout.PAGE_DIGEST_SIZE
-        self._digests[d : d + layout.PAGE_DIGEST_SIZE] = self._digest(data)
-        self._append(state.entry.image_offset + offset, data)
+        written[index >> 3] |= bit
+        d = (state.digest_base + index) * DIGEST_SIZE
+        self._digests[d : d + DIGEST_SIZE] = self._digest(data)
+        image_offset = state.entry.image_offset + offset
+        if (
+            self._buf_len
+            and image_offset == self._buf_start + self._buf_len
+            and self._buf_len + page_size < self._max_write
+            and len(self._parts) < MAX_PARTS
+        ):
+            self._parts.append(data)  # the common case: the next page of a run
+            self._buf_len += page_size
+        else:
+            self._append(image_offset, data)
         self.stats.data_pages += 1
 
     def zero(self, block: str, offset: int, page_size: int) -> None:
