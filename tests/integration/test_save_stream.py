@@ -124,6 +124,7 @@ class Saved:
     stderr: str
     ram: bytes  # pmemsave of pc.ram
     ramblocks: dict[str, int]  # HMP "info ramblock": idstr -> used length
+    vm: VM  # still alive, paused
 
 
 def hmp_ramblocks(vm: VM) -> dict[str, int]:
@@ -153,6 +154,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
             text,
             (tmp / "ram").read_bytes(),
             hmp_ramblocks(vm),
+            vm,
         )
     finally:
         vm.shutdown()
@@ -243,23 +245,21 @@ def test_device_state_is_stored_verbatim(saved: Saved) -> None:
     assert whole[len(sections) : len(sections) + 2] == b"\x00\x06"
 
 
-def test_running_guest_is_frozen_at_one_instant(tmp_path: Path) -> None:
-    vm = VM(name="running", memory_mib=MIB, log_dir=tmp_path)
-    try:
-        PatternGuest.build().configure(vm)
-        vm.launch()
-        vm.wait_console(PatternGuest.MARKER.decode(), timeout=90)
-        image = create(tmp_path / "run.qcow2")
-        text = save_into(vm, image, tmp_path / "err")
-        assert vm.runstate().value == "running"
-    finally:
-        vm.shutdown()
+def test_running_guest_is_frozen_at_one_instant(saved: Saved, tmp_path: Path) -> None:
+    vm = saved.vm
+    vm.cont()
+    vm.wait_console(PatternGuest.MARKER.decode(), timeout=60, start=vm.console_size())
+    image = create(tmp_path / "run.qcow2")
+    text = save_into(vm, image, tmp_path / "err")
+    assert vm.runstate().value == "running"
     assert text.endswith("; image complete\n")
     swept = PatternGuest.swept_range(MIB)
     with SnapshotImage.open(str(image)) as snap:
-        values = bytes(
-            snap.read("pc.ram", off, 1)[0] for off in range(swept.start, swept.stop, PAGE)
+        values = b"".join(
+            bytes(snap.read("pc.ram", pos, 1 << 20)[::PAGE])
+            for pos in range(swept.start, swept.stop, 1 << 20)
         )
+    assert len(values) == len(swept)
     report = check_sweep(values, block="pc.ram", start=swept.start)
     assert report.ok, report.violation
     assert qsnap("verify", str(image)).returncode == 0
