@@ -3,7 +3,8 @@
 Both revert modes send pages the same way: ZERO records for pages known or found to be
 zero (never a zero page as PAGE, unlike the seed), PAGE records otherwise, CONTINUE
 chosen by ``RamEncoder``, and each PART closed by EOS and its footer once it holds
-about ``part_bytes``.  Records are buffered and handed to the sink in gathered writes.
+about ``part_bytes``.  Records are buffered and joined into one write of about
+``part_bytes`` (one memcpy in C is cheaper than Python bookkeeping per record).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class RamSectionWriter:
     def push(self) -> None:
         """Write what is buffered, leaving the current section open."""
         if self._parts:
-            self.sink.write(self._parts)
+            self.sink.write([b"".join(self._parts)])
             self._parts = []
             self._pending = 0
 

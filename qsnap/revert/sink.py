@@ -8,7 +8,6 @@ already given up (SHUT or end of the return path).
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import stat
@@ -65,25 +64,22 @@ class StreamSink:
                 raise RevertError(f"QEMU has read nothing for {self.stall_timeout:g} s; giving up")
 
     def write(self, parts: Sequence[Buffer]) -> None:
-        """Write every byte of ``parts`` in order."""
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
-        while views:
+        """Write every byte of ``parts`` (bytes, or byte-format memoryviews) in order."""
+        pending: list[Buffer] = list(parts)
+        index = 0
+        while index < len(pending):
             try:
-                done = os.writev(self.fd, views[:_IOV_MAX])
+                done = os.writev(self.fd, pending[index : index + _IOV_MAX])
             except BlockingIOError:
                 self._wait_writable()
                 continue
             except BrokenPipeError:
                 raise RevertError("QEMU closed the migration stream (broken pipe)") from None
             except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
                 raise RevertError(f"writing the migration stream: {exc.strerror}") from None
             self.bytes_written += done
-            skip = 0
-            while skip < len(views) and done >= len(views[skip]):
-                done -= len(views[skip])
-                skip += 1
-            del views[:skip]
+            while index < len(pending) and done >= len(pending[index]):
+                done -= len(pending[index])
+                index += 1
             if done:
-                views[0] = views[0][done:]
+                pending[index] = memoryview(pending[index])[done:]
