@@ -268,7 +268,7 @@ def save(
         except ImageError as exc:
             detail = image.daemon_error()
             if detail:
-                raise ImageError(f"{exc} (qemu-storage-daemon: {detail})") from exc
+                raise ImageError(f"{exc} ({detail})") from exc
             raise
     return SaveResult(header, total, time.monotonic() - start, writer.stats)
 

@@ -24,6 +24,7 @@ from qsnap.image.spec import FORMAT_NODE, BlockdevSpec
 log = logging.getLogger(__name__)
 
 EXPORT_NAME = "qsnap"
+_NO_MESSAGE = "qemu-storage-daemon exited without a message"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -132,7 +133,23 @@ class StorageDaemon:
                 text = f.read(64 * 1024)
         except OSError:
             return ""
-        return _one_line(text) or "qemu-storage-daemon exited without a message"
+        return _one_line(text) or _NO_MESSAGE
+
+    def death(self) -> str:
+        """Why the daemon is gone, as one line; empty while it runs."""
+        proc = self._proc
+        if proc is None or proc.poll() is None:
+            return ""
+        code = proc.returncode
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code < 0
+            else f"exited with status {code}"
+        )
+        text = self.stderr_text()
+        if text == _NO_MESSAGE:
+            return f"qemu-storage-daemon {how}"
+        return f"qemu-storage-daemon {how}: {text}"
 
     @property
     def pid(self) -> int | None:

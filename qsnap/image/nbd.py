@@ -223,7 +223,7 @@ class NbdClient:
         try:
             if graceful:
                 self.drain()
-                self._sock.sendall(_REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0))
+                self._send(_REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0))
         except (OSError, NbdError):
             pass
         finally:
@@ -261,7 +261,8 @@ class NbdClient:
         i = 0
         try:
             while i < len(views):
-                sent = self._sock.sendmsg(views[i : i + 1024])
+                # MSG_NOSIGNAL: a dead server is an EPIPE error here, never a SIGPIPE
+                sent = self._sock.sendmsg(views[i : i + 1024], (), socket.MSG_NOSIGNAL)
                 while sent:
                     n = len(views[i])
                     if sent >= n:

@@ -134,7 +134,8 @@ class SnapshotImage:
         return self.client.size
 
     def daemon_error(self) -> str:
-        return self._daemon.stderr_text() if not self._daemon.alive() else ""
+        """Why the storage daemon died (empty while it runs): to complete an NBD error."""
+        return self._daemon.death()
 
     # -- header -------------------------------------------------------------------------
 

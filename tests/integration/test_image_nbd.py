@@ -55,6 +55,7 @@ def test_zeroes_trim_and_block_status(client: NbdClient) -> None:
     client.write_zeroes(MiB, MiB)  # may trim: cluster becomes a zero cluster
     client.write_zeroes(2 * MiB, MiB, may_trim=False)
     client.trim(3 * MiB, MiB)
+    client.wait(client.submit_write_zeroes(8 * MiB, MiB, fast=True))  # unallocated: fast
     client.flush()
     assert client.read(MiB, MiB) == bytes(MiB)
     assert client.read(2 * MiB, MiB) == bytes(MiB)

@@ -284,3 +284,37 @@ def test_signal_stops_the_save_and_its_daemon(
     verify = qsnap("verify", str(image))  # the signal may come before the header is written
     assert verify.returncode == 1
     assert "incomplete image" in verify.stderr or "header is empty" in verify.stderr
+
+
+def test_daemon_dying_mid_save_is_reported(stream: bytes, tmp_path: Path) -> None:
+    image = create(tmp_path / "dd.qcow2")
+    proc = subprocess.Popen(
+        [QSNAP, "save", str(image)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(stream[: len(stream) // 4])
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not (daemons := _children(proc.pid)):
+            assert time.monotonic() < deadline, "no qemu-storage-daemon started"
+            time.sleep(0.02)
+        for pid in daemons:
+            os.kill(pid, signal.SIGKILL)
+        try:
+            proc.stdin.write(stream[len(stream) // 4 :])
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1
+    assert out == b""
+    text = err.decode()
+    assert text.count("\n") == 1 and text.startswith("qsnap save: error: "), text
+    assert "NBD" in text and text.endswith("(qemu-storage-daemon was killed by SIGKILL)\n"), text
