@@ -1,8 +1,9 @@
-"""qsnap revert (precopy) into real QEMU: memory, device state, failures."""
+"""qsnap revert (precopy) into real QEMU: memory and device state, repeated, converted."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from revert_helpers import qsnap, qsnap_lines, revert_into, saved_paused_guest
 
 from qsnap.harness import analyze, memory
-from qsnap.harness.qemu import find_qemu, probe_background_snapshot
+from qsnap.harness.qemu import find_qemu, find_qemu_img, probe_background_snapshot
 from qsnap.harness.vm import MigrationStatus, RunState, VMFactory
 
 pytestmark = pytest.mark.qemu
@@ -37,8 +38,24 @@ def test_paused_guest_memory_and_device_state(vms: VMFactory, tmp_path: Path) ->
     diff = memory.compare(reference, memory.reference_from_file(captured))
     assert diff.matches, diff.summary()
 
-    for run in range(2):
-        dst = revert_into(vms, image, name=f"dst{run}")
+    # the same image again, then a copy made by qemu-img with other clusters (64 KiB)
+    converted = tmp_path / "converted copy.qcow2"
+    subprocess.run(
+        [
+            os.fspath(find_qemu_img()),
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            os.fspath(image),
+            os.fspath(converted),
+        ],
+        check=True,
+        timeout=120,
+    )
+    for run, source in enumerate((image, converted)):
+        dst = revert_into(vms, source, name=f"dst{run}")
         result = dst.wait_migration(120)
         assert result.status is MigrationStatus.COMPLETED, result
         assert any(" pages (" in line for line in qsnap_lines(dst)), qsnap_lines(dst)
