@@ -58,7 +58,7 @@ def main() -> int:
             cat_times, save_times = [], []
             raw = tmp / "raw.bin"
             image = tmp / "snap.qcow2"
-            summary: dict[str, int] = {}
+            summary: dict[str, float] = {}
             for _ in range(args.rounds):
                 raw.unlink(missing_ok=True)
                 cat = f"cat > {shlex.quote(str(raw))}"
@@ -88,6 +88,10 @@ def main() -> int:
         print(f"non-zero RAM           {nonzero / MiB:.1f} MiB")
         print(f"image host file        {host / MiB:.1f} MiB  ({host / max(nonzero, 1):.3f} x)")
         print(f"qsnap peak RSS         {summary['peak_rss_kib'] / 1024:.1f} MiB")
+        gib = summary["stream_bytes"] / (1 << 30)
+        print(f"qsnap CPU              {summary['cpu_seconds'] / gib:.2f} s per GiB of stream")
+        print(f"storage daemon CPU     {summary['daemon_cpu_seconds'] / gib:.2f} s per GiB")
+        print(f"load average           {os.getloadavg()[0]:.1f} (CPU time is what to compare)")
     return 0
 
 

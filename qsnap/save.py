@@ -50,6 +50,8 @@ class SaveResult:
     stats: WriteStats
 
     def summary(self) -> dict[str, object]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        daemon = resource.getrusage(resource.RUSAGE_CHILDREN)  # the reaped storage daemon
         return {
             "complete": self.header.complete,
             "missing": pass_names(self.header.missing),
@@ -61,7 +63,9 @@ class SaveResult:
             "zero_pages": self.stats.zero_pages,
             "device_state_bytes": self.stats.device_state_bytes,
             "written_bytes": self.stats.written_bytes,
-            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "peak_rss_kib": own.ru_maxrss,
+            "cpu_seconds": round(own.ru_utime + own.ru_stime, 3),
+            "daemon_cpu_seconds": round(daemon.ru_utime + daemon.ru_stime, 3),
         }
 
     def line(self) -> str:
