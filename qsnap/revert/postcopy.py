@@ -61,9 +61,9 @@ def check_postcopy(source: RevertSource, blocks: list[BlockGeometry]) -> None:
     for block, saved in zip(blocks, source.blocks, strict=True):
         if block.host_page_size != max(HOST_PAGE_SIZE, source.target_page_size):
             raise RevertError(
-                f"RAM block {saved.name!r} uses {block.host_page_size}-byte pages: postcopy "
-                "revert of hugepage-backed blocks is not supported (the saved RAM setup "
-                "record carries no page sizes, which a postcopy destination would expect)"
+                f"RAM block {saved.name!r} was saved with {block.host_page_size}-byte pages, "
+                f"not this host's {HOST_PAGE_SIZE}: postcopy revert of hugepage-backed RAM "
+                "is not supported"
             )
     size = package_size(source)
     if size > MAX_PACKAGED_SIZE:

@@ -206,7 +206,9 @@ def test_hugepage_blocks_refused_before_anything_is_sent() -> None:
     source.blocks = (SourceBlock("pc.ram", 2 << 20, 2 << 20),)
     out_r, out_w = os.pipe()
     try:
-        with pytest.raises(RevertError, match=r"'pc\.ram' uses 2097152-byte pages.*hugepage"):
+        with pytest.raises(
+            RevertError, match=r"'pc\.ram' was saved with 2097152-byte pages.*hugepage"
+        ):
             PostcopySender(source, StreamSink(out_w), ReturnPath(0), RevertOptions(postcopy_pct=0))
         os.close(out_w)
         assert os.read(out_r, 10) == b"", "nothing may be written"
