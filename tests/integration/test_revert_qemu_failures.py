@@ -31,19 +31,20 @@ from qsnap.harness.vm import FINAL_STATUSES, VM, MigrationStatus, VMFactory
 pytestmark = pytest.mark.qemu
 
 
-@pytest.fixture
-def vms(tmp_path: Path) -> Iterator[VMFactory]:
+@pytest.fixture(scope="module")
+def vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMFactory]:
     probe = probe_background_snapshot(find_qemu())
     if not probe:
         pytest.skip(str(probe))
-    factory = VMFactory(tmp_path / "logs")
+    factory = VMFactory(tmp_path_factory.mktemp("logs"))
     yield factory
     factory.close()
 
 
-@pytest.fixture
-def saved(vms: VMFactory, tmp_path: Path) -> Path:
-    return saved_paused_guest(vms, tmp_path)[0]
+@pytest.fixture(scope="module")
+def saved(vms: VMFactory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One saved seabios guest for all the wrong destinations."""
+    return saved_paused_guest(vms, tmp_path_factory.mktemp("saved"))[0]
 
 
 def incoming_no_exit(vm: VM, uri: str) -> None:
@@ -76,7 +77,7 @@ def test_incomplete_image_refused_before_anything_is_sent(tmp_path: Path, postco
 def test_failed_load_is_reported_by_qemu_and_qsnap(vms: VMFactory, tmp_path: Path) -> None:
     empty = tmp_path / "empty.qcow2"
     create_image(empty)
-    dst = vms(name="dst", memory_mib=MIB, incoming_defer=True, paused=True)
+    dst = vms(name="dst-empty", memory_mib=MIB, incoming_defer=True, paused=True)
     incoming_no_exit(dst, revert_uri(empty))
     result = dst.wait_migration(60)
     assert result.status is MigrationStatus.FAILED
@@ -100,7 +101,7 @@ def test_wrong_destination(
     qemu_says: str,
 ) -> None:
     args: dict[str, object] = {"memory_mib": MIB, **vm_args}
-    dst = vms(name="dst", incoming_defer=True, paused=True, **args)
+    dst = vms(name=f"dst-{what.replace(' ', '-')}", incoming_defer=True, paused=True, **args)
     incoming_no_exit(dst, revert_uri(saved))
     result = dst.wait_migration(60)
     assert result.status is MigrationStatus.FAILED, f"{what}: {result}"
@@ -129,7 +130,7 @@ def test_qsnap_killed_during_postcopy(vms: VMFactory, saved: Path) -> None:
     probe = probe_postcopy_ram(find_qemu())
     if not probe:
         pytest.skip(str(probe))
-    dst = vms(name="dst", memory_mib=MIB, incoming_defer=True, paused=True)
+    dst = vms(name="dst-killed", memory_mib=MIB, incoming_defer=True, paused=True)
     dst.set_migration_capabilities({"postcopy-ram": True})
     incoming_no_exit(dst, revert_uri(saved, "--postcopy", "--max-bandwidth=4"))
     dst.wait_migration(30, until={MigrationStatus.POSTCOPY_ACTIVE, *FINAL_STATUSES})
