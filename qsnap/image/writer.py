@@ -59,11 +59,12 @@ class WriteStats:
 
 
 class _BlockState:
-    __slots__ = ("digest_base", "entry", "index", "written")
+    """Per block during a save: its entry, first digest slot, and which pages hold data."""
 
-    def __init__(self, entry: BlockEntry, index: int, digest_base: int, pages: int) -> None:
+    __slots__ = ("digest_base", "entry", "written")
+
+    def __init__(self, entry: BlockEntry, digest_base: int, pages: int) -> None:
         self.entry = entry
-        self.index = index
         self.digest_base = digest_base
         self.written = bytearray((pages + 7) // 8)
 
@@ -130,9 +131,10 @@ class ImageWriter:
             self.client.submit_write_zeroes(pos, n)
             pos += n
         self.client.drain()
-        self.client.flush()
 
     def _begin(self, header: Header, zero_from: int) -> None:
+        """Zero, write the SAVING header, flush: data written later cannot land under an
+        older header (NBD and qcow2 order nothing before a flush)."""
         log.debug("pass starts; zeroing from %#x", zero_from)
         self._zero_from(zero_from)
         self.image.write_header(header)
@@ -175,9 +177,9 @@ class ImageWriter:
         self._digest = layout.page_digester(header.digest_algorithm)
         self._zero_digest = self._digest(bytes(head.page_size))
         pos = 0
-        for i, entry in enumerate(blocks):
+        for entry in blocks:
             pages = header.page_count(entry)
-            self._blocks[entry.idstr] = _BlockState(entry, i, pos, pages)
+            self._blocks[entry.idstr] = _BlockState(entry, pos, pages)
             pos += pages
         self._digests = bytearray(self._zero_digest * pos)
 
@@ -222,8 +224,13 @@ class ImageWriter:
             self._parts = []
 
     def _append(self, image_offset: int, data: bytes | memoryview) -> None:
-        """Queue ``data`` (kept by reference, never copied) for a gathered write."""
+        """Queue ``data`` (kept by reference, never copied: callers must not reuse it)."""
         n = len(data)
+        if n > self._max_write:
+            view = memoryview(data)
+            for pos in range(0, n, self._max_write):
+                self._append(image_offset + pos, view[pos : pos + self._max_write])
+            return
         if self._buf_len and (
             image_offset != self._buf_start + self._buf_len
             or self._buf_len + n > self._max_write
