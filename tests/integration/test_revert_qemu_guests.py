@@ -17,8 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from revert_helpers import QSNAP, create_image, qsnap_lines, revert_uri, wait_children_gone
+from revert_helpers import (
+    QSNAP,
+    create_image,
+    qsnap,
+    qsnap_lines,
+    revert_uri,
+    wait_children_gone,
+)
 
+from qsnap.harness import memory
 from qsnap.harness.guests import AgentClient, LinuxGuest, PatternGuest
 from qsnap.harness.qemu import find_qemu, probe_background_snapshot, probe_postcopy_ram
 from qsnap.harness.sweep import check_sweep, first_bytes
@@ -138,4 +146,39 @@ def test_pattern_postcopy_keeps_sweeping(vms: VMFactory, tmp_path: Path) -> None
     assert report.ok, str(report.violation)
     summary = next(line for line in qsnap_lines(dst) if "postcopy:" in line)
     assert re.search(r"[1-9]\d* on request", summary), summary
+    dst.shutdown()
+
+
+def test_linux_paused_exact_memory_then_runs_and_verifies(vms: VMFactory, tmp_path: Path) -> None:
+    """Paused linux guest: every page as before the save; then it runs and verifies."""
+    guest = LinuxGuest.build()
+    src = vms.create(name="linux-paused-src", memory_mib=LINUX_MIB)
+    with guest.boot(src) as agent:
+        agent.fill(REGION_MIB, seed=7)
+        agent.writer_start(WRITER_RATE)
+        time.sleep(0.3)
+        src.stop()
+        raw = tmp_path / "raw.stream"
+        reference = memory.take_reference(src, stream_path=raw)
+    src.shutdown()
+    image = tmp_path / "paused.qcow2"
+    create_image(image, LINUX_MIB)
+    with raw.open("rb") as stream:
+        assert qsnap("save", os.fspath(image), stdin=stream).returncode == 0
+
+    dst = vms.create(
+        name="linux-paused-dst", memory_mib=LINUX_MIB, incoming_defer=True, paused=True
+    )
+    socket_path = guest.configure(dst)
+    dst.launch()
+    with AgentClient.connect(socket_path) as agent:
+        dst.migrate_incoming(revert_uri(image))
+        result = dst.wait_migration(120)
+        assert result.status is MigrationStatus.COMPLETED, f"{result}\n{qsnap_lines(dst)}"
+        diff = memory.compare(reference, memory.take_reference(dst))
+        assert diff.matches, diff.summary()
+        agent.send("verify")  # queued on the serial port until the guest runs
+        dst.cont()
+        report = agent.parse_verify(agent.answer("verify", timeout=60))
+        assert report.ok and report.pages == REGION_MIB * 256, report
     dst.shutdown()
