@@ -25,7 +25,7 @@ from qsnap.image.layout import DEFAULT_VMSTATE_SIZE
 from qsnap.image.report import header_dict, header_text
 from qsnap.image.snapshot import SnapshotImage
 from qsnap.image.spec import parse_spec
-from qsnap.save import SaveError, report, save
+from qsnap.save import DEFAULT_TIMEOUT, SaveError, report, save
 from qsnap.stream import StreamError
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,13 @@ def _add_save(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=_page_size, default=4096, help="target page size")
     p.add_argument("--progress", action="store_true", help="periodic progress on stderr")
     p.add_argument("--json", action="store_true", help="summary as JSON on stderr")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"longest wait for stream data (default {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def _run_save(args: argparse.Namespace) -> int:
@@ -101,6 +108,7 @@ def _run_save(args: argparse.Namespace) -> int:
             vmstate_only=args.save_vmstate,
             page_size=args.page_size,
             progress=sys.stderr if args.progress else None,
+            timeout=args.timeout,
         )
     except (StreamError, ImageError, SaveError, OSError) as exc:
         return _fail(prog, exc)

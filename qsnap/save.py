@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import resource
+import select
 import stat
 import sys
 import time
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 20
 MAX_SETUP = 4 << 20
 PROGRESS_INTERVAL = 1.0
+DEFAULT_TIMEOUT = 300.0
 
 
 class SaveError(Exception):
@@ -231,6 +233,28 @@ class _Saver:
         return end.eof_offset - self.device_state_at
 
 
+class StalledStream(SaveError):
+    """No stream data arrived within the timeout."""
+
+
+def _stdin_reader(timeout: float) -> Callable[[int], bytes]:
+    fd = sys.stdin.fileno()
+    _grow_pipe(fd)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    received = 0
+
+    def read(n: int) -> bytes:
+        nonlocal received
+        if not poller.poll(timeout * 1000):
+            raise StalledStream(f"byte {received}: no stream data for {timeout:g} s")
+        data = os.read(fd, n)
+        received += len(data)
+        return data
+
+    return read
+
+
 def _grow_pipe(fd: int) -> None:
     """A 1 MiB pipe buffer: fewer, larger reads than the default 64 KiB."""
     try:
@@ -247,14 +271,14 @@ def save(
     vmstate_only: bool = False,
     page_size: int = 4096,
     progress: TextIO | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> SaveResult:
-    """Save the stream ``read`` returns (stdin by default) into the image at ``spec``."""
-    if read is None:
-        fd = sys.stdin.fileno()
-        _grow_pipe(fd)
+    """Save the stream ``read`` returns (stdin by default) into the image at ``spec``.
 
-        def read(n: int) -> bytes:
-            return os.read(fd, n)
+    ``timeout``: longest wait for stream data on stdin (a stalled source is an error).
+    """
+    if read is None:
+        read = _stdin_reader(timeout)
 
     start = time.monotonic()
     ticker = _Progress(progress)

@@ -318,3 +318,28 @@ def test_daemon_dying_mid_save_is_reported(stream: bytes, tmp_path: Path) -> Non
     text = err.decode()
     assert text.count("\n") == 1 and text.startswith("qsnap save: error: "), text
     assert "NBD" in text and text.endswith("(qemu-storage-daemon was killed by SIGKILL)\n"), text
+
+
+def test_stalled_source_times_out(stream: bytes, tmp_path: Path) -> None:
+    image = create(tmp_path / "stall.qcow2")
+    proc = subprocess.Popen(
+        [QSNAP, "save", "--timeout", "2", str(image)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(stream[:300000])
+        proc.stdin.flush()  # and then nothing, with the pipe left open
+        proc.wait(timeout=60)
+        assert proc.stderr is not None and proc.stdout is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        proc.stdin.close()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1
+    assert out == b""
+    assert err.decode() == "qsnap save: error: byte 300000: no stream data for 2 s\n"
+    assert_not_complete(image)
