@@ -160,6 +160,8 @@ def encode(record: r.Record) -> bytes:
 
     DeviceStateStart encodes to nothing: the DeviceStateChunk records after it
     carry every byte of the device state, its first section header included.
+    RAM offsets must be page aligned; not knowing the page size, encode() checks
+    only the 1 KiB alignment that keeps them clear of the flag bits.
     """
     try:
         encoder = _ENCODERS[type(record)]
