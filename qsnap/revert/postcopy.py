@@ -108,12 +108,12 @@ class PostcopySender:
         )
         self.abort = AbortCheck(rp)
         self.progress = Progress(sum(b.length for b in self.blocks) // self.tps, options.progress)
-        self._current: tuple[Run, bytes] | None = None
+        self._current: tuple[Run, bytes | bytearray] | None = None
 
     def _pages(self, run: Run) -> int:
         return run.count * self.blocks[run.block].host_page_size // self.tps
 
-    def _write(self, run: Run, data: bytes | None) -> None:
+    def _write(self, run: Run, data: bytes | bytearray | None) -> None:
         """Encode ``run`` (``data`` None for a zero run) and mark it sent."""
         block = self.blocks[run.block]
         offset = run.first * block.host_page_size
@@ -123,7 +123,7 @@ class PostcopySender:
             self.ram.pages(block.name, offset, data)
         self.scheduler.mark_sent(run)
 
-    def _data(self, run: Run) -> bytes:
+    def _data(self, run: Run) -> bytes | bytearray:
         """The data of ``run``: from the read-ahead buffer when it holds it, else read."""
         block = self.blocks[run.block]
         hps = block.host_page_size

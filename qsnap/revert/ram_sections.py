@@ -66,20 +66,21 @@ class RamSectionWriter:
         self.stats.zero_pages += count
         self._added(sum(map(len, records)))
 
-    def pages(self, block: str, offset: int, data: bytes) -> None:
+    def pages(self, block: str, offset: int, data: bytes | bytearray) -> None:
         """PAGE (or ZERO, for pages that are all zeros) records for ``data``."""
         self._begin()
         ps = self.page_size
         page, zero, zero_page = self._encoder.page, self._encoder.zero, self._zero_page
         records = []
         zeros = 0
+        is_zero = data.startswith  # compares in place, without slicing a copy
+        view = memoryview(data)
         for pos in range(0, len(data), ps):
-            chunk = data[pos : pos + ps]
-            if chunk == zero_page:
+            if is_zero(zero_page, pos):
                 records.append(zero(block, offset + pos))
                 zeros += 1
             else:
-                records.append(page(block, offset + pos, chunk))
+                records.append(page(block, offset + pos, view[pos : pos + ps]))
         self._parts.extend(records)
         self.stats.zero_pages += zeros
         self.stats.data_pages += len(records) - zeros

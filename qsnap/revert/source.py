@@ -67,10 +67,10 @@ class RevertSource(Protocol):
     def zero_extents(self, block: str) -> Iterable[tuple[int, int]]:
         """(offset, length) ranges of ``block`` known to read as zeros."""
 
-    def read(self, block: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of ``block`` at ``offset``."""
+    def read(self, block: str, offset: int, length: int) -> bytes | bytearray:
+        """``length`` bytes of ``block`` at ``offset`` (not to be modified)."""
 
-    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[bytes]:
+    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[bytes | bytearray]:
         """The data of each (block, offset, length), in order, several reads in flight."""
 
     def device_state(self, sections_only: bool) -> Iterator[bytes]:
@@ -143,18 +143,18 @@ class ImageSource:
     def zero_extents(self, block: str) -> list[tuple[int, int]]:
         return [(e.offset, e.length) for e in self.image.zero_map(block) if e.zero]
 
-    def read(self, block: str, offset: int, length: int) -> bytes:
-        return bytes(self.image.read(block, offset, length))
+    def read(self, block: str, offset: int, length: int) -> bytearray:
+        return self.image.read(block, offset, length)
 
-    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[bytes]:
+    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[bytearray]:
         image = self.image
         pending: collections.deque[int] = collections.deque()
         for block, offset, length in requests:
             pending.append(image.submit_read(block, offset, length))
             if len(pending) >= self.depth:
-                yield bytes(image.wait_read(pending.popleft()))
+                yield image.wait_read(pending.popleft())
         while pending:
-            yield bytes(image.wait_read(pending.popleft()))
+            yield image.wait_read(pending.popleft())
 
     def device_state(self, sections_only: bool) -> Iterator[bytes]:
         return self.image.device_state(sections_only=sections_only)

@@ -207,8 +207,8 @@ class RamEncoder:
         self._last = block
         return prefix
 
-    def page(self, block: str, offset: int, data: bytes) -> bytes:
-        """A PAGE record; ``data`` must be exactly one page."""
+    def page(self, block: str, offset: int, data: bytes | bytearray | memoryview) -> bytes:
+        """A PAGE record; ``data`` must be exactly one page (any bytes-like object)."""
         if len(data) != self.page_size:
             raise ValueError(f"page data is {len(data)} bytes, expected {self.page_size}")
         return self._word(block, offset, self._page_flag) + data
