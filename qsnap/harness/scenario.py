@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,13 +31,36 @@ def qsnap_program() -> str:
 
 
 def save_uri(
-    image: str | os.PathLike[str], keep_stream: str | os.PathLike[str] | None = None
+    image: str | os.PathLike[str],
+    *options: str,
+    keep_stream: str | os.PathLike[str] | None = None,
+    exit_status: str | os.PathLike[str] | None = None,
 ) -> str:
-    """`exec:qsnap save IMAGE`; with `keep_stream`, the stream is also written there (tee)."""
-    save = shlex.join([qsnap_program(), "save", os.fspath(image)])
-    if keep_stream is None:
-        return f"exec:{save}"
-    return f"exec:tee {shlex.quote(os.fspath(keep_stream))} | {save}"
+    """`exec:qsnap save [OPTIONS] IMAGE`.
+
+    With `keep_stream`, the stream is also written there (tee). With `exit_status`, qsnap's
+    exit status is written to that file when it exits (see `wait_exit_status`): QEMU may
+    report the migration completed while the command is still finishing its work.
+    """
+    command = shlex.join([qsnap_program(), "save", *options, os.fspath(image)])
+    if keep_stream is not None:
+        command = f"tee {shlex.quote(os.fspath(keep_stream))} | {command}"
+    if exit_status is not None:
+        final = shlex.quote(os.fspath(exit_status))
+        part = shlex.quote(os.fspath(exit_status) + ".part")
+        command = f"{command}; echo $? > {part} && mv {part} {final}"
+    return f"exec:{command}"
+
+
+def wait_exit_status(path: str | os.PathLike[str], timeout: float) -> int:
+    """The exit status a `save_uri(..., exit_status=path)` command wrote, once it exists."""
+    status = Path(path)
+    deadline = time.monotonic() + timeout
+    while not status.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{status}: qsnap did not exit within {timeout:g} s")
+        time.sleep(0.02)
+    return int(status.read_text().strip())
 
 
 def revert_uri(image: str | os.PathLike[str], *options: str) -> str:
