@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from qsnap.image.daemon import StorageDaemon
 from qsnap.image.errors import ImageError, NbdError, NotAnImage
+from qsnap.image.layout import create_size
 from qsnap.image.nbd import AllocFlag, NbdClient, StatusExtent
 from qsnap.image.snapshot import SnapshotImage
 from qsnap.image.spec import parse_spec
@@ -122,3 +125,28 @@ def test_empty_and_raw_images_are_not_snapshots(tmp_path: Path) -> None:
         pytest.raises(NotAnImage, match=r"magic b'\\x7fELF"),
     ):
         image.read_header()
+
+
+def test_qsnap_create_makes_the_seed_qcow2(tmp_path: Path) -> None:
+    path = tmp_path / "c.qcow2"
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("qsnap")), "create", str(path), "--ram-size", "1G"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    )
+    assert info["format"] == "qcow2" and info["cluster-size"] == MiB
+    assert info["format-specific"]["data"]["refcount-bits"] == 8
+    assert info["virtual-size"] == create_size(1 << 30)
+    assert done.stdout == f"{path}: qcow2, virtual size {info['virtual-size']}\n"
+    assert os.stat(path).st_blocks * 512 < 4 * MiB  # preallocation=off
