@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from revert_memory import MemorySource
 
 from qsnap.revert.errors import RevertError
@@ -214,3 +216,44 @@ def test_hugepage_blocks_refused_before_anything_is_sent() -> None:
         assert os.read(out_r, 10) == b"", "nothing may be written"
     finally:
         os.close(out_r)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    zero_every=st.integers(2, 5),
+    picks=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 39)), max_size=15),
+    pct=st.sampled_from([0, 30, 99]),
+)
+def test_requested_pages_first_and_every_page_once(
+    sizes: list[int], zero_every: int, picks: list[tuple[int, int]], pct: int
+) -> None:
+    names = ["pc.ram", "vga.vram", "pc.rom"][: len(sizes)]
+    blocks, zero = [], {}
+    for b, (name, pages) in enumerate(zip(names, sizes, strict=True)):
+        data = b"".join(
+            bytes(PAGE) if i % zero_every == 0 else bytes([i + 1, b + 1]) * (PAGE // 2)
+            for i in range(pages)
+        )
+        blocks.append((name, data))
+        zero[name] = [(i * PAGE, PAGE) for i in range(0, pages, zero_every * 2)]
+    source = MemorySource(blocks, zero)
+    wanted = [(names[b % len(names)], p % sizes[b % len(names)]) for b, p in picks]
+    requests = [encode_message(ReqPagesId(p * PAGE, PAGE, name)) for name, p in wanted]
+    stats, dest = run_postcopy(source, RevertOptions(postcopy_pct=pct), requests)
+    sent = pages_of(dest.records)
+    assert sorted((b, o) for b, o, _ in sent) == sorted(
+        (name, off) for name, data in source.data.items() for off in range(0, len(data), PAGE)
+    )
+    assert all(d == source.data[b][o : o + PAGE] for b, o, d in sent)
+    packaged = [i for i, x in enumerate(dest.records) if isinstance(x, r.Packaged)]
+    if not packaged:  # everything went before LISTEN
+        return
+    before = {(b, o) for b, o, _ in pages_of(dest.records[: packaged[0]])}
+    expected: list[tuple[str, int]] = []
+    for name, p in wanted:
+        if (name, p * PAGE) not in before and (name, p * PAGE) not in expected:
+            expected.append((name, p * PAGE))
+    after = [(b, o) for b, o, _ in pages_of(dest.records[packaged[0] :])]
+    assert after[: len(expected)] == expected
+    assert stats.requests == len(wanted)
