@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import stat
 import sys
@@ -29,8 +28,6 @@ from qsnap.revert.session import AbortCheck, RevertOptions, Terminated, revert_s
 from qsnap.revert.sink import StreamSink
 from qsnap.revert.source import ImageSource
 from qsnap.revert.stats import RevertStats
-
-log = logging.getLogger(__name__)
 
 PROG = "qsnap revert"
 
@@ -183,15 +180,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{PROG}: {stats.summary()}", file=sys.stderr, flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qsnap.revert.command``: the subcommand on its own (until cli.py has it)."""
-    parser = argparse.ArgumentParser(prog=PROG)
-    add_arguments(parser)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
