@@ -14,16 +14,18 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import resource
 import select
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from qsnap.image.errors import ImageError
+from qsnap.image.errors import ImageError, NbdError
 from qsnap.image.layout import BlockEntry, Header, pass_names
 from qsnap.image.snapshot import SnapshotImage, describe_incomplete
 from qsnap.image.spec import BlockdevSpec
@@ -38,6 +40,7 @@ READ_SIZE = 1 << 20
 MAX_SETUP = 4 << 20
 PROGRESS_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 300.0
+PUMP_DEPTH = 32
 
 
 class SaveError(Exception):
@@ -237,22 +240,48 @@ class StalledStream(SaveError):
     """No stream data arrived within the timeout."""
 
 
+class _Pump(threading.Thread):
+    """Reads stdin ahead into a bounded queue, so QEMU is not held up while qsnap parses
+    or waits on the storage daemon (each hand-off costs a wake-up on a busy host).
+
+    Memory stays bounded: at most ``depth`` chunks of ``READ_SIZE`` bytes are queued.
+    """
+
+    def __init__(self, fd: int, timeout: float, depth: int = PUMP_DEPTH) -> None:
+        super().__init__(name="qsnap-stdin", daemon=True)
+        self.fd = fd
+        self.timeout = timeout
+        self.queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        received = 0
+        try:
+            while True:
+                if not poller.poll(self.timeout * 1000):
+                    raise StalledStream(f"byte {received}: no stream data for {self.timeout:g} s")
+                data = os.read(self.fd, READ_SIZE)
+                self.queue.put(data)
+                if not data:
+                    return
+                received += len(data)
+        except (OSError, StalledStream) as exc:
+            self.queue.put(exc)
+
+    def read(self, n: int) -> bytes:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
 def _stdin_reader(timeout: float) -> Callable[[int], bytes]:
     fd = sys.stdin.fileno()
     _grow_pipe(fd)
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    received = 0
-
-    def read(n: int) -> bytes:
-        nonlocal received
-        if not poller.poll(timeout * 1000):
-            raise StalledStream(f"byte {received}: no stream data for {timeout:g} s")
-        data = os.read(fd, n)
-        received += len(data)
-        return data
-
-    return read
+    pump = _Pump(fd, timeout)
+    pump.start()
+    return pump.read
 
 
 def _grow_pipe(fd: int) -> None:
@@ -293,7 +322,7 @@ def save(
                 ticker.tick(total, writer.stats)
             saver.close()
             header = writer.finish(saver.device_sections_length)
-        except ImageError as exc:
+        except NbdError as exc:
             detail = image.daemon_error()
             if detail:
                 raise ImageError(f"{exc} ({detail})") from exc

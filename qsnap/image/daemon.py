@@ -135,10 +135,18 @@ class StorageDaemon:
             return ""
         return _one_line(text) or _NO_MESSAGE
 
-    def death(self) -> str:
-        """Why the daemon is gone, as one line; empty while it runs."""
+    def death(self, grace: float = 1.0) -> str:
+        """Why the daemon is gone, as one line; empty if it still runs after ``grace`` s.
+
+        Called after an NBD error: a dying process closes its socket a moment before it
+        can be reaped, hence the grace period.
+        """
         proc = self._proc
-        if proc is None or proc.poll() is None:
+        if proc is None:
+            return ""
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
             return ""
         code = proc.returncode
         how = (
