@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from qsnap.image import layout
 from qsnap.image.snapshot import SnapshotImage
 from qsnap.revert.errors import RevertError
 from qsnap.revert.scheduler import BlockGeometry
@@ -133,6 +134,19 @@ class ImageSource:
             raise RevertError(
                 "image header lacks the saved stream prologue, RAM setup or device state"
             )
+        self._check_device_state(header.device_state_digest)
+
+    def _check_device_state(self, digest: bytes) -> None:
+        """Refuse a corrupted device state before anything is sent.
+
+        It is read twice: it is small next to RAM, and a stream that QEMU rejects after
+        loading all of RAM is the worse outcome.
+        """
+        hasher = layout.device_state_hasher()
+        for chunk in self.image.device_state(sections_only=False):
+            hasher.update(chunk)
+        if hasher.digest() != digest:
+            raise RevertError("corrupted image: the device state does not match its digest")
 
     @property
     def image(self) -> SnapshotImage:

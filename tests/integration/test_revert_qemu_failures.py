@@ -6,7 +6,9 @@ migration on QEMU's side), never a hang.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -25,7 +27,12 @@ from revert_helpers import (
     saved_paused_guest,
 )
 
-from qsnap.harness.qemu import find_qemu, probe_background_snapshot, probe_postcopy_ram
+from qsnap.harness.qemu import (
+    find_qemu,
+    find_qemu_img,
+    probe_background_snapshot,
+    probe_postcopy_ram,
+)
 from qsnap.harness.vm import FINAL_STATUSES, VM, MigrationStatus, VMFactory
 
 pytestmark = pytest.mark.qemu
@@ -141,3 +148,27 @@ def test_qsnap_killed_during_postcopy(vms: VMFactory, saved: Path) -> None:
     assert "Detected IO failure for postcopy" in dst.stderr_log.read_text()
     qsnap_done = qsnap("--help")  # the command itself is still fine afterwards
     assert qsnap_done.returncode == 0
+
+
+def test_corrupted_device_state_refused_before_anything_is_sent(
+    saved: Path, tmp_path: Path
+) -> None:
+    image = tmp_path / "corrupted.qcow2"
+    shutil.copyfile(saved, image)
+    info = json.loads(qsnap("info", "--json", os.fspath(image)).stdout)
+    where = info["device_state"]["offset"] + info["device_state"]["length"] // 2
+    qemu_io = Path(find_qemu_img()).with_name("qemu-io")
+    subprocess.run(
+        [os.fspath(qemu_io), "-f", "qcow2", "-c", f"write -P 0x55 {where} 1", os.fspath(image)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    out_file = tmp_path / "out"
+    with out_file.open("wb") as out:
+        proc = qsnap("revert", os.fspath(image), stdout=out)
+    assert proc.returncode == 1
+    assert out_file.read_bytes() == b""
+    assert proc.stderr.decode().splitlines() == [
+        "qsnap revert: error: corrupted image: the device state does not match its digest"
+    ]
