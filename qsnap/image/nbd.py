@@ -35,6 +35,7 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 BASE_ALLOCATION = "base:allocation"
 MAX_WINDOW = 16
+SEND_BUFFER = 4 << 20
 
 
 class HandshakeFlag(IntFlag):
@@ -191,6 +192,9 @@ class NbdClient:
         """Connect and negotiate; ``timeout`` bounds every single socket operation."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
+        # Room for whole requests in the kernel: fewer blocking hand-offs to the server
+        # (the kernel caps this at net.core.wmem_max).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         try:
             sock.connect(path)
             client = cls(sock, window)
