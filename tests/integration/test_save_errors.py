@@ -169,12 +169,19 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_read_only_image(stream: bytes, tmpfs: Path) -> None:
+    """Saving needs write access; info and verify of a saved image do not."""
+    subprocess.run(["mount", "-o", "remount,size=128M", str(tmpfs)], check=True)
     image = create(tmpfs / "ro.qcow2")
+    assert qsnap("save", str(image), stdin=stream).returncode == 0
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     assert_failed(
         qsnap("save", str(image), stdin=stream),
         f"cannot open image '{image}': Could not open '{image}': Read-only file system",
     )
+    info = qsnap("info", "--json", str(image))
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["complete"] is True
+    assert qsnap("verify", str(image)).returncode == 0
 
 
 def test_disk_full(stream: bytes, tmpfs: Path) -> None:
