@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import struct
+import sys
 import time
 
 from qsnap.revert.errors import RevertError
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 MAX_PACKAGED_SIZE = 1 << 24
 """``MAX_VM_CMD_PACKAGED_SIZE``: the destination refuses a larger package."""
+
+_SWITCH_INTERVAL = 0.0005
+"""GIL switch interval while requests may come: the return-path thread would otherwise
+wait up to 5 ms (Python's default) for the sender to let it hand a request over."""
 
 MAX_DISCARDS_PER_COMMAND = 12
 """As QEMU's source (postcopy_discard_send_range): keeps each command small."""
@@ -257,6 +262,20 @@ class PostcopySender:
             log.info("every page went before LISTEN: ending as a precopy stream")
             return self._end_as_precopy()
         self._package()
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(_SWITCH_INTERVAL)
+        try:
+            self._postcopy_phase()
+        finally:
+            sys.setswitchinterval(switch_interval)
+        tail: list[Buffer] = [*self.ram.end_section(), encode(records.Eof())]
+        finish(self.source, self.sink, self.rp, tail, self.options)
+        self.stats.bytes_written = self.sink.bytes_written
+        self.stats.end_ns = self.stats.mark()
+        return self.stats
+
+    def _postcopy_phase(self) -> None:
+        """Requested pages first, then background slices, until every page is sent."""
         started = time.monotonic()
         while self.scheduler.remaining:
             self.serve_requests(self._throttle(started))
@@ -264,11 +283,6 @@ class PostcopySender:
             self.progress.update(self.stats)
             self.abort.check()
         self.serve_requests()
-        tail: list[Buffer] = [*self.ram.end_section(), encode(records.Eof())]
-        finish(self.source, self.sink, self.rp, tail, self.options)
-        self.stats.bytes_written = self.sink.bytes_written
-        self.stats.end_ns = self.stats.mark()
-        return self.stats
 
     def _throttle(self, started: float) -> float:
         """Seconds the background push is ahead of ``max_bandwidth`` (0 without limit)."""
