@@ -129,18 +129,19 @@ def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
         max_bandwidth=int(args.max_bandwidth * 2**20),
     )
     sink.stall_timeout = options.stall_timeout
+    stats = RevertStats()
     source = ImageSource(SnapshotImage.open(parse_spec(image)))
     try:
         rp = ReturnPath(0) if use_rp else None
         sink.abort_check = AbortCheck(rp)
         if postcopy:
             assert rp is not None
-            sender = PostcopySender(source, sink, rp, options)
+            sender = PostcopySender(source, sink, rp, options, stats)
             rp.start()
             return sender.run()
         if rp is not None:
             rp.start()
-        return revert_precopy(source, sink, rp, options)
+        return revert_precopy(source, sink, rp, options, stats)
     finally:
         source.close()
 

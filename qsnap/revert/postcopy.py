@@ -96,12 +96,14 @@ class PostcopySender:
         sink: StreamSink,
         rp: ReturnPath,
         options: RevertOptions,
+        stats: RevertStats | None = None,
     ) -> None:
+        """``stats`` may be started by the caller (times then include opening the image)."""
         self.source = source
         self.sink = sink
         self.rp = rp
         self.options = options
-        self.stats = RevertStats()
+        self.stats = stats or RevertStats()
         self.blocks = geometry(source)
         check_postcopy(source, self.blocks)
         self.tps = source.target_page_size

@@ -63,9 +63,13 @@ def revert_precopy(
     sink: StreamSink,
     rp: ReturnPath | None,
     options: RevertOptions,
+    stats: RevertStats | None = None,
 ) -> RevertStats:
-    """Send the snapshot; return the statistics once QEMU accepted it (or RevertError)."""
-    stats = RevertStats()
+    """Send the snapshot; return the statistics once QEMU accepted it (or RevertError).
+
+    ``stats`` may be started by the caller, so that its times include opening the image.
+    """
+    stats = stats or RevertStats()
     blocks = geometry(source)
     scheduler = PageScheduler(blocks, [source.zero_extents(b.name) for b in blocks])
     tps = source.target_page_size
