@@ -106,7 +106,7 @@ class _Progress:
         )
 
 
-class _Saver:
+class StreamSaver:
     """Feeds records to the writer; remembers the verbatim setup bytes on the way."""
 
     def __init__(self, writer: ImageWriter, *, vmstate_only: bool, page_size: int) -> None:
@@ -314,7 +314,7 @@ def save(
     with SnapshotImage.open(spec, writable=True) as image:
         try:
             writer = ImageWriter(image)
-            saver = _Saver(writer, vmstate_only=vmstate_only, page_size=page_size)
+            saver = StreamSaver(writer, vmstate_only=vmstate_only, page_size=page_size)
             total = 0
             while data := read(READ_SIZE):
                 total += len(data)

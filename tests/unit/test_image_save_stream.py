@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qsnap.image.writer import ImageWriter, RamSetup, StreamPrologue
-from qsnap.save import SaveError, _Saver
+from qsnap.save import SaveError, StreamSaver
 from qsnap.stream import RamEncoder, StreamError, encode, encode_footer
 from qsnap.stream import records as r
 
@@ -93,7 +93,7 @@ def streams(draw: st.DrawFn, device: bool = True) -> Stream:
     return Stream(data, prologue, ram_start, pages, tail, len(sections))
 
 
-def feed(saver: _Saver, data: bytes, cuts: list[int]) -> None:
+def feed(saver: StreamSaver, data: bytes, cuts: list[int]) -> None:
     pos = 0
     for cut in [*sorted(set(cuts)), len(data)]:
         if cut > pos:
@@ -102,9 +102,9 @@ def feed(saver: _Saver, data: bytes, cuts: list[int]) -> None:
     saver.close()
 
 
-def saver(vmstate_only: bool = False) -> tuple[_Saver, Recorder]:
+def saver(vmstate_only: bool = False) -> tuple[StreamSaver, Recorder]:
     rec = Recorder()
-    return _Saver(cast(ImageWriter, rec), vmstate_only=vmstate_only, page_size=PAGE), rec
+    return StreamSaver(cast(ImageWriter, rec), vmstate_only=vmstate_only, page_size=PAGE), rec
 
 
 @settings(max_examples=60, deadline=None)
