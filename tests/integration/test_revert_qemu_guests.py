@@ -131,7 +131,7 @@ def test_pattern_postcopy_keeps_sweeping(vms: VMFactory, tmp_path: Path) -> None
     guest.configure(dst)
     dst.launch()
     dst.set_migration_capabilities({"postcopy-ram": True})
-    dst.migrate_incoming(revert_uri(image, "--postcopy"))
+    dst.migrate_incoming(revert_uri(image, "--postcopy", "--max-bandwidth=32"))
     result = dst.wait_migration(120)
     assert result.status is MigrationStatus.COMPLETED, f"{result}\n{qsnap_lines(dst)}"
     start = dst.console_size()
