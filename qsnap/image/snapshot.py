@@ -160,7 +160,8 @@ class SnapshotImage:
 
     @property
     def header(self) -> Header:
-        if self._header is None:
+        """The header of a complete image (read once); page and device-state reads use it."""
+        if self._header is None or not self._header.complete:
             return self.complete_header()
         return self._header
 
