@@ -8,7 +8,6 @@ source ends a stream.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 from qsnap.revert.ram_sections import RamSectionWriter
@@ -20,8 +19,6 @@ from qsnap.revert.source import RevertSource, geometry
 from qsnap.revert.stats import Progress, RevertStats
 from qsnap.stream import records
 from qsnap.stream.writer import encode
-
-log = logging.getLogger(__name__)
 
 
 def opening(source: RevertSource, with_return_path: bool) -> list[bytes]:
