@@ -3,8 +3,9 @@
 Stream, in the order QEMU 10.0's own source uses (migration.c migration_thread and
 postcopy_start): saved prologue, OPEN_RETURN_PATH, PING 1, POSTCOPY_ADVISE (OR of the
 blocks' page sizes, target page size), saved RAM START, PART sections of the optional
-precopy phase, PING 2, PACKAGED{LISTEN, device sections without EOF/vmdesc, PING 3, RUN},
-PING 4, PART sections of requested and background pages, RAM END (EOS), EOF.
+precopy phase, POSTCOPY_RAM_DISCARD commands, PING 2, PACKAGED{LISTEN, device sections
+without EOF/vmdesc, PING 3, RUN}, PING 4, PART sections of requested and background
+pages, RAM END (EOS), EOF.
 
 Before LISTEN, QEMU's source discards (POSTCOPY_RAM_DISCARD) every page it has not sent
 yet or that was dirtied since; qsnap discards every page not sent yet, as QEMU does.
@@ -16,6 +17,9 @@ unsent page faults and can be placed.  The discard also avoids a QEMU 10.0 desti
 bug: LISTEN straight after ADVISE ends in the DISCARD state and RUN then fails with
 "wrong postcopy state (2)".  When the precopy phase has sent every page there is nothing
 left for postcopy: the stream then ends as a precopy one.
+SWITCHOVER_START, which QEMU 10.0 also sends at the switch for machine types newer than
+9.2, is left out: only VFIO devices act on it, a background-snapshot stream never carries
+it, and a destination of an older machine type would not expect it.
 Since the destination may place each host page only once after LISTEN (a second copy is
 EEXIST and pauses postcopy), the scheduler's sent map is the single authority.
 """
