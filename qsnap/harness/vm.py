@@ -609,8 +609,23 @@ class VM:
     def background_snapshot_to_file(
         self, path: str | os.PathLike[str], timeout: float
     ) -> MigrationResult:
-        """`background_snapshot` into a file, through `exec:cat > PATH`."""
-        return self.background_snapshot(f"exec:cat > {shlex.quote(os.fspath(path))}", timeout)
+        """`background_snapshot` into a file, through `exec:cat`.
+
+        QEMU reports "completed" when it has written the stream to the pipe, not when the
+        command has finished writing the file. So `cat` writes `PATH.part`, renamed to
+        PATH once complete, and this waits for PATH: a reader never sees a cut stream.
+        """
+        final = Path(path)
+        part = final.with_name(final.name + ".part")
+        final.unlink(missing_ok=True)
+        target, staging = shlex.quote(os.fspath(final)), shlex.quote(os.fspath(part))
+        result = self.background_snapshot(f"exec:cat > {staging} && mv {staging} {target}", timeout)
+        deadline = time.monotonic() + timeout
+        while not final.exists():
+            if time.monotonic() > deadline:
+                raise VMTimeout(f"{self.name}: {final} not complete {timeout:g} s after migration")
+            time.sleep(0.01)
+        return result
 
 
 def launch_vm(**kwargs: Any) -> VM:
