@@ -12,6 +12,7 @@ from revert_memory import MemorySource
 from qsnap.revert.precopy import revert_precopy
 from qsnap.revert.session import RevertOptions
 from qsnap.revert.sink import StreamSink
+from qsnap.revert.source import SourceBlock
 from qsnap.stream import StreamReader
 from qsnap.stream import records as r
 
@@ -115,3 +116,22 @@ def test_zero_pages_are_zero_records() -> None:
     ]
     assert kinds == [("RamZero", 0), ("RamPage", PAGE), ("RamZero", 2 * PAGE)]
     assert source.reads == [("pc.ram", 0, 2 * PAGE)]
+
+
+def test_host_pages_larger_than_target_pages_are_sent_whole() -> None:
+    """A block with 16 KiB host pages: runs are whole host pages, records target pages."""
+    zero_pages = {0, 4, 5, 6, 7, 8, 14}
+    data = b"".join(bytes(PAGE) if i in zero_pages else bytes([i]) * PAGE for i in range(16))
+    source = MemorySource([("huge", data)], {"huge": [(4 * PAGE, 4 * PAGE + 100)]})
+    source.blocks = (SourceBlock("huge", len(data), 4 * PAGE),)
+    records = parse(run_precopy(source, RevertOptions(read_bytes=6 * PAGE)))
+    offsets = [rec.offset for rec in records if isinstance(rec, (r.RamPage, r.RamZero))]
+    assert offsets == list(range(0, len(data), PAGE))
+    # the zero extent covers host page 1 only; reads come in whole host pages
+    assert [(off, n) for _, off, n in source.reads] == [
+        (0, 4 * PAGE),
+        (8 * PAGE, 4 * PAGE),
+        (12 * PAGE, 4 * PAGE),
+    ]
+    zeros = [rec.offset // PAGE for rec in records if isinstance(rec, r.RamZero)]
+    assert zeros == sorted(zero_pages)
