@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import catalog, environment, reports
-from .execution import DEFAULT_TIMEOUT, Outcome, Status, run_test
+from .execution import DEFAULT_TIMEOUT, Outcome, Status, run_test, stop_all
 
 log = logging.getLogger("iotests.check")
 
@@ -108,9 +109,17 @@ def run(
         return list(pool.map(one, tests))
 
 
+def _stop_and_exit(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT/SIGHUP: kill the running tests and their QEMUs, then exit."""
+    stop_all()
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``iotests/check``; returns the exit status."""
     args = make_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _stop_and_exit)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="check: %(message)s",

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,18 @@ def command(test: TestScript, python: str) -> list[str]:
     return [python, str(test.path)] if first == PYTHON_SHEBANG else [str(test.path)]
 
 
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
+
+
+def stop_all() -> None:
+    """Kill every test still running (and its QEMUs): the runner itself is being stopped."""
+    with _running_lock:
+        running = list(_running)
+    for proc in running:
+        _stop(proc)
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Kill the test's whole session: the test and every QEMU it started."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -111,6 +124,8 @@ def run_test(test: TestScript, env: SuiteEnvironment, timeout: float = DEFAULT_T
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        with _running_lock:
+            _running.add(proc)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -119,6 +134,9 @@ def run_test(test: TestScript, env: SuiteEnvironment, timeout: float = DEFAULT_T
         except BaseException:
             _stop(proc)
             raise
+        finally:
+            with _running_lock:
+                _running.discard(proc)
     elapsed = round(time.monotonic() - start, 1)
     output = bad.read_text(encoding="utf-8", errors="replace")
     case_notrun = casenotrun.read_text(encoding="utf-8") if casenotrun.exists() else ""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -171,3 +173,41 @@ def test_pytest_collects_one_item_per_script_with_groups_as_keywords() -> None:
     }
     assert collected() == sorted(scripts)
     assert collected("-k", "save") == sorted(n for n, g in scripts.items() if "save" in g)
+
+
+def test_check_stopped_by_sigterm_kills_the_running_test_and_its_children(
+    tmp_path: Path,
+) -> None:
+    tests = tmp_path / "src" / "tests"
+    tests.mkdir(parents=True)
+    pidfile = tmp_path / "child.pid"
+    script = tests / "hangs"
+    script.write_text(
+        "#!/usr/bin/env python3\n# group: quick\nimport subprocess\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(child.pid))\nchild.wait()\n"
+    )
+    script.chmod(0o755)
+    (tests / "hangs.out").write_text("")
+    argv = [sys.executable, str(CHECK), "--source-dir", str(tmp_path / "src"),
+            "--test-dir", str(tmp_path / "scratch")]  # fmt: skip
+    check_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "the test never started"
+        time.sleep(0.1)
+    child = int(pidfile.read_text())
+    check_proc.send_signal(signal.SIGTERM)
+    assert check_proc.wait(timeout=60) == 128 + signal.SIGTERM
+    check_proc.communicate()
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        assert time.monotonic() < deadline, f"child {child} of the stopped test still runs"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "Z"
