@@ -30,6 +30,8 @@ from qsnap.revert.source import ImageSource
 from qsnap.revert.stats import RevertStats
 
 PROG = "qsnap revert"
+PRECOPY_PIPE_SIZE = 1 << 20
+"""Linux's default limit for unprivileged pipes (fs.pipe-max-size)."""
 
 
 def _percent(text: str) -> int:
@@ -139,6 +141,7 @@ def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
             sender = PostcopySender(source, sink, rp, options, stats)
             rp.start()
             return sender.run()
+        sink.grow_pipe(PRECOPY_PIPE_SIZE)
         if rp is not None:
             rp.start()
         return revert_precopy(source, sink, rp, options, stats)

@@ -8,6 +8,8 @@ already given up (SHUT or end of the return path).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import select
 import stat
@@ -42,6 +44,19 @@ class StreamSink:
             os.set_blocking(fd, False)
         self._poll = select.poll()
         self._poll.register(fd, select.POLLOUT)
+
+    def grow_pipe(self, size: int) -> int:
+        """Ask for a pipe buffer of ``size`` bytes; returns the size in effect (0: no pipe).
+
+        A precopy stream gains from a large buffer: QEMU keeps loading from it while qsnap
+        waits for its next image read.  Postcopy keeps the default, since a requested
+        page queues behind whatever the pipe holds.
+        """
+        if not stat.S_ISFIFO(os.fstat(self.fd).st_mode):
+            return 0
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, size)
+        return fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
 
     def close(self) -> None:
         """Give the descriptor its blocking mode back (it is not closed)."""
