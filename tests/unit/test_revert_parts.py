@@ -6,6 +6,7 @@ import argparse
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -159,3 +160,14 @@ def test_postcopy_option_and_image(argv: tuple[str, ...], pct: int | None, image
 def test_postcopy_percentage_range() -> None:
     with pytest.raises(SystemExit):
         parse("--postcopy=101", "img")
+
+
+def test_grow_pipe_only_for_pipes(tmp_path: Path) -> None:
+    rfd, wfd = os.pipe()
+    try:
+        assert StreamSink(wfd).grow_pipe(1 << 20) == 1 << 20
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    with (tmp_path / "f").open("wb") as f:
+        assert StreamSink(f.fileno()).grow_pipe(1 << 20) == 0
