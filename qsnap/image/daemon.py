@@ -8,6 +8,7 @@ own session so a terminal's Ctrl-C reaches only qsnap, which then shuts it down 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from types import TracebackType
 
 from qsnap.image.errors import ImageError
@@ -37,6 +39,9 @@ def qsd_binary() -> str:
 
 
 def _die_with_parent() -> None:
+    # The signal mask survives exec: without this the daemon would ignore the SIGTERM
+    # of stop() (blocked by _signals_deferred around Popen) and stop() wait its timeout.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
@@ -52,6 +57,18 @@ def _one_line(text: str) -> str:
                 line = line.split(": ", 1)[1]
         out.append(line)
     return "; ".join(out)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT/SIGHUP back while a child is started or stopped, so that an
+    interruption can never lose track of the daemon; they are delivered right after."""
+    deferred = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class StorageDaemon:
@@ -105,7 +122,8 @@ class StorageDaemon:
         self._stderr_path = os.path.join(self._dir, "qsd.log")
         argv = self.argv()
         log.debug("starting %s", " ".join(argv))
-        with open(self._stderr_path, "wb") as err:
+        # Should qsnap die before it can stop the daemon, PDEATHSIG still ends it.
+        with open(self._stderr_path, "wb") as err, _signals_deferred():
             self._proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -157,7 +175,7 @@ class StorageDaemon:
         text = self.stderr_text()
         if text == _NO_MESSAGE:
             return f"qemu-storage-daemon {how}"
-        return f"qemu-storage-daemon {how}: {text}"
+        return text if code == 1 else f"qemu-storage-daemon {how}: {text}"
 
     @property
     def pid(self) -> int | None:
@@ -168,6 +186,10 @@ class StorageDaemon:
 
     def stop(self) -> None:
         """SIGTERM (the daemon flushes and closes the image), SIGKILL after a timeout."""
+        with _signals_deferred():
+            self._stop()
+
+    def _stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:

@@ -79,8 +79,8 @@ class SnapshotImage:
         """Start the daemon and connect; use the result as a context manager."""
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
         image = cls(parsed, writable=writable, window=window)
-        image._daemon.start()
         try:
+            image._daemon.start()
             image._client = image._connect()
         except BaseException:
             image._daemon.stop()
@@ -96,12 +96,11 @@ class SnapshotImage:
                     self._daemon.socket_path, self._daemon.export_name, window=self._window
                 )
             except NbdError as exc:
+                death = self._daemon.death(grace=0.2)
+                if death:
+                    raise ImageError(f"cannot open image {self.spec.text!r}: {death}") from None
                 if exc.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
                     raise
-                if not self._daemon.alive():
-                    raise ImageError(
-                        f"cannot open image {self.spec.text!r}: {self._daemon.stderr_text()}"
-                    ) from None
             time.sleep(0.005)
 
     def __enter__(self) -> SnapshotImage:

@@ -287,6 +287,7 @@ def test_signal_stops_the_save_and_its_daemon(
     assert proc.returncode == 1
     assert out == b""
     assert err.decode() == f"qsnap save: error: interrupted by {sig.name}\n"
+    # qsnap stops and reaps its daemon before exiting
     assert not any(os.path.exists(f"/proc/{pid}") for pid in daemons)
     verify = qsnap("verify", str(image))  # the signal may come before the header is written
     assert verify.returncode == 1
@@ -324,7 +325,10 @@ def test_daemon_dying_mid_save_is_reported(stream: bytes, tmp_path: Path) -> Non
     assert out == b""
     text = err.decode()
     assert text.count("\n") == 1 and text.startswith("qsnap save: error: "), text
-    assert "NBD" in text and text.endswith("(qemu-storage-daemon was killed by SIGKILL)\n"), text
+    # mid-save, or (when the kill lands first) while connecting
+    assert text.endswith("qemu-storage-daemon was killed by SIGKILL)\n") or text.endswith(
+        "': qemu-storage-daemon was killed by SIGKILL\n"
+    ), text
 
 
 def test_stalled_source_times_out(stream: bytes, tmp_path: Path) -> None:
