@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qsnap.harness.qemu import Probe, find_qemu, qmp_stdio
 from qsnap.harness.vm import VM, MigrationResult, VMError
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,29 @@ def build_patched_qemu(timeout: float = BUILD_TIMEOUT) -> PatchedQemu:
     if not patched.analyze_migration.is_file():
         raise PatchedQemuError(f"{script}: no patched source tree at {patched.source}")
     return patched
+
+
+@functools.cache
+def probe_stream_content(binary: str | os.PathLike[str] | None = None) -> Probe:
+    """Whether the QEMU `binary` (else `QSNAP_QEMU`, else PATH) has `stream-content-list`.
+
+    The parameter is absent from query-migrate-parameters while unset, so the probe sets
+    it and reads it back.
+    """
+    qemu = find_qemu(binary)
+    parts = [StreamContent.VMSTATE.value, StreamContent.RAM.value]
+    setting, query = qmp_stdio(
+        qemu,
+        ["-machine", "none"],
+        [
+            {"execute": "migrate-set-parameters", "arguments": {STREAM_CONTENT_PARAMETER: parts}},
+            {"execute": "query-migrate-parameters"},
+        ],
+    )
+    if "error" in setting or query.get("return", {}).get(STREAM_CONTENT_PARAMETER) != parts:
+        why = setting.get("error", {}).get("desc", "not reported by query-migrate-parameters")
+        return Probe(False, f"{qemu.name} has no {STREAM_CONTENT_PARAMETER} parameter: {why}")
+    return Probe(True)
 
 
 def stream_content(vm: VM) -> tuple[StreamContent, ...] | None:
