@@ -7,6 +7,7 @@ drives `exec:qsnap save` / `exec:qsnap revert` through a real QEMU.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -28,6 +29,16 @@ def qsnap_program() -> str:
     if found is None:
         raise FileNotFoundError(f"no qsnap command beside {sys.executable} nor in PATH")
     return found
+
+
+def quiet_qmp_library() -> None:
+    """Keep qemu.qmp's own connection-retry errors out of a test's golden output.
+
+    The harness retries a QMP connection refused while QEMU is still starting to listen;
+    qemu.qmp logs each refused attempt at ERROR, and iotests log WARNING and up into the
+    output that is compared. Real failures still surface as the harness's exceptions.
+    """
+    logging.getLogger("qemu.qmp.protocol").setLevel(logging.CRITICAL)
 
 
 def save_uri(
