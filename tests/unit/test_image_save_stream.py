@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qsnap.image.writer import ImageWriter, RamSetup, StreamPrologue
@@ -136,6 +136,9 @@ def test_ram_only_stream_ends_at_eof(stream: Stream, cuts: list[int]) -> None:
 @given(streams(), st.integers(1, 10**9))
 def test_any_truncation_is_an_error(stream: Stream, seed: int) -> None:
     cut = seed % len(stream.data)
+    # Device sections are opaque: a cut right after a 0x00 there reads as a stream that
+    # ends with EOF and no vmdesc (QEMU's suppress-vmdesc), which is not detectable.
+    assume(cut <= len(stream.data) - len(stream.device) or stream.data[cut - 1] != 0)
     s, _ = saver()
     with pytest.raises(StreamError, match=r"truncated|without EOF"):
         feed(s, stream.data[:cut], [])
