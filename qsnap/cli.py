@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 #: ``run(args) -> int``; absent modules are simply not offered.
 PLUGINS = {
     "revert": ("qsnap.revert.command", "load a snapshot into QEMU (exec:qsnap revert IMAGE)"),
-    "analyze": ("qsnap.analyze", "analyze a migration stream or image"),
+    "analyze": ("qsnap.analyze", "account for every page and section of a migration stream file"),
 }
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE)
