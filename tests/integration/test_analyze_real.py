@@ -77,13 +77,7 @@ def test_a_cut_stream_names_the_byte_and_the_missing_pages(
     cut.write_bytes(path.read_bytes()[: 5 << 20])
     done = analyze(str(cut))
     assert done.returncode == 1
-    assert (
-        done.stderr.splitlines()
-        == [
-            f"qsnap analyze: error: {cut}: byte {5 << 20}: stream truncated at byte {5 << 20}"
-            " inside section 1 (ram)"
-        ]
-        or "stream truncated" in done.stderr
-    )
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"qsnap analyze: error: {cut}: byte {5 << 20}: stream truncated")
     missing = [line for line in done.stdout.splitlines() if "block pc.ram:" in line]
-    assert missing and "0 missing" not in missing[0], done.stdout
+    assert missing and " 0 missing" not in missing[0], done.stdout
