@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qsnap.harness.guests import AgentClient, LinuxGuest
+from qsnap.harness.scenario import qsnap_program, save_uri, wait_exit_status
 from qsnap.harness.vm import VM
 
 MIB = 1 << 20
@@ -35,13 +36,21 @@ class Row:
     ok: bool
 
 
-def qsnap_command() -> str:
-    """The qsnap executable beside this interpreter (the project's venv)."""
-    exe = Path(sys.executable).with_name("qsnap")
-    found = str(exe) if exe.exists() else shutil.which("qsnap")
-    if found is None:
-        raise SystemExit("demo: no qsnap executable (run ci/bootstrap)")
-    return found
+def summary_of(log_file: Path) -> str:
+    """The key figures of the JSON summary qsnap wrote last on its stderr."""
+    lines = log_file.read_text().strip().splitlines() if log_file.exists() else []
+    try:
+        data = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return "no summary"
+    parts = [f"{data.get('data_pages', '?')} data + {data.get('zero_pages', '?')} zero pages"]
+    if "mib_per_s" in data:
+        parts.append(f"{data['mib_per_s']} MiB/s")
+    if "request_pages" in data:
+        parts.append(
+            f"{data['request_pages']} pages on request, p50 {data.get('latency_p50_ms')} ms"
+        )
+    return ", ".join(parts)
 
 
 def run(argv: list[str]) -> str:
@@ -59,7 +68,7 @@ def boot_target(guest: LinuxGuest, workdir: Path, name: str, memory: int) -> tup
 
 
 def revert(guest: LinuxGuest, workdir: Path, image: Path, memory: int, postcopy: bool) -> Row:
-    qsnap = qsnap_command()
+    qsnap = qsnap_program()
     mode = "postcopy" if postcopy else "precopy"
     vm, agent_socket = boot_target(guest, workdir, f"revert-{mode}", memory)
     try:
@@ -80,7 +89,7 @@ def revert(guest: LinuxGuest, workdir: Path, image: Path, memory: int, postcopy:
         ok = result.ok and report.ok
         detail = (
             f"running after {running:.2f} s; agent verify: {report.pages} pages, "
-            f"{report.bad} bad; migration {result.status.value}"
+            f"{report.bad} bad; migration {result.status.value}; {summary_of(log_file)}"
         )
         return Row(f"revert ({mode})", total, detail, ok)
     finally:
@@ -95,7 +104,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
-    qsnap = qsnap_command()
+    qsnap = qsnap_program()
     workdir = Path(tempfile.mkdtemp(prefix="qsnap-demo-"))
     image = workdir / "snapshot.qcow2"
     rows: list[Row] = []
@@ -106,33 +115,45 @@ def main() -> int:
     agent = guest.boot(source)
     pages = agent.fill(args.region, seed=2026)
     agent.writer_start(pages_per_second=20000)
-    rows.append(Row("boot + fill", time.monotonic() - start, f"{pages} agent pages", True))
+    rows.append(
+        Row(
+            "boot + fill",
+            time.monotonic() - start,
+            f"{pages} agent pages filled, writer started",
+            True,
+        )
+    )
 
     run([qsnap, "create", str(image), "--ram-size", f"{args.memory}M"])
     start = time.monotonic()
     save_log = workdir / "save.log"
+    status = workdir / "save.status"
     source.background_snapshot(
-        f"exec:{shlex.quote(qsnap)} save --json {shlex.quote(str(image))}"
-        f" 2>>{shlex.quote(str(save_log))}",
-        timeout=300,
+        save_uri(image, "--json", exit_status=status, stderr=save_log), timeout=300
     )
+    save_exit = wait_exit_status(status, timeout=300)
     saved = time.monotonic() - start
-    writer = agent.writer_stop()
+    agent.writer_stop()
     agent.close()
     source.shutdown()
     size = image.stat().st_size
     rows.append(
         Row("save (live, writer running)", saved,
-            f"image {size / MIB:.1f} MiB on disk; writer at sweep {writer.g}", True)
+            f"exit {save_exit}; {summary_of(save_log)}; image {size / MIB:.1f} MiB on disk",
+            save_exit == 0)
     )  # fmt: skip
 
     info = json.loads(run([qsnap, "info", "--json", str(image)]))
+    start = time.monotonic()
     verify = subprocess.run([qsnap, "verify", str(image)], capture_output=True, text=True)
+    verified = time.monotonic() - start
     rows.append(
-        Row("qsnap verify", 0.0, f"state {info.get('state')}; digests "
+        Row("qsnap verify", verified, f"state {info.get('state')}; digests "
             + ("match" if verify.returncode == 0 else "MISMATCH"), verify.returncode == 0)
     )  # fmt: skip
+    start = time.monotonic()
     check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    checked = time.monotonic() - start
     rows.append(
         Row(
             "qemu-img check",

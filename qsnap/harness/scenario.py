@@ -46,14 +46,18 @@ def save_uri(
     *options: str,
     keep_stream: str | os.PathLike[str] | None = None,
     exit_status: str | os.PathLike[str] | None = None,
+    stderr: str | os.PathLike[str] | None = None,
 ) -> str:
     """`exec:qsnap save [OPTIONS] IMAGE`.
 
     With `keep_stream`, the stream is also written there (tee). With `exit_status`, qsnap's
     exit status is written to that file when it exits (see `wait_exit_status`): QEMU may
-    report the migration completed while the command is still finishing its work.
+    report the migration completed while the command is still finishing its work. With
+    `stderr`, qsnap's messages are appended to that file instead of QEMU's stderr.
     """
     command = shlex.join([qsnap_program(), "save", *options, os.fspath(image)])
+    if stderr is not None:
+        command += f" 2>>{shlex.quote(os.fspath(stderr))}"
     if keep_stream is not None:
         command = f"tee {shlex.quote(os.fspath(keep_stream))} | {command}"
     if exit_status is not None:
