@@ -157,7 +157,7 @@ def main() -> int:
     rows.append(
         Row(
             "qemu-img check",
-            0.0,
+            checked,
             check.stdout.strip().splitlines()[0] if check.stdout.strip() else check.stderr.strip(),
             check.returncode == 0,
         )
