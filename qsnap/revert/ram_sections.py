@@ -5,18 +5,40 @@ zero (never a zero page as PAGE, unlike the seed), PAGE records otherwise, CONTI
 chosen by ``RamEncoder``, and each PART closed by EOS and its footer once it holds
 about ``part_bytes``.  Records are buffered and joined into one write of about
 ``part_bytes`` (one memcpy in C is cheaper than Python bookkeeping per record).
+
+Revert spends its CPU here, and the machine it shares with QEMU and the storage daemon
+has little to spare, so no Python bytecode runs per page: the first record of a run goes
+through ``RamEncoder`` (which decides between CONTINUE and the block name), and the
+others, all CONTINUE in the same block, have consecutive words ``(offset + i * page) |
+flags`` packed in one ``struct`` call and interleaved with their pages by C iterators.
 """
 
 from __future__ import annotations
 
 import struct
+from itertools import chain, groupby, repeat
 
 from qsnap.revert.sink import StreamSink
 from qsnap.revert.stats import RevertStats
-from qsnap.stream.constants import SectionType
+from qsnap.stream.constants import RamFlag, SectionType
 from qsnap.stream.writer import RamEncoder, encode_footer
 
 _SECTION_HEAD = struct.Struct(">BI")
+_WORD = 8
+_ZERO_RECORD = _WORD + 1
+_CONTINUE_PAGE = int(RamFlag.PAGE | RamFlag.CONTINUE)
+_CONTINUE_ZERO = int(RamFlag.ZERO | RamFlag.CONTINUE)
+
+
+def _words(first: int, count: int, step: int) -> bytes:
+    """``count`` be64 words ``first``, ``first + step``, ... packed back to back."""
+    return struct.pack(f">{count}Q", *range(first, first + count * step, step))
+
+
+def _slices(view: memoryview, count: int, size: int, stride: int) -> map[memoryview]:
+    """``count`` views of ``size`` bytes, ``stride`` bytes apart, from the start of ``view``."""
+    starts = range(0, count * stride, stride)
+    return map(view.__getitem__, map(slice, starts, range(size, count * stride + size, stride)))
 
 
 class RamSectionWriter:
@@ -37,7 +59,7 @@ class RamSectionWriter:
         self.part_bytes = part_bytes
         self._encoder = RamEncoder(page_size)
         self._zero_page = bytes(page_size)
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | bytearray | memoryview] = []
         self._pending = 0
         self._section_size = 0
         self._open = False
@@ -59,32 +81,60 @@ class RamSectionWriter:
     def zeros(self, block: str, offset: int, count: int) -> None:
         """ZERO records for ``count`` target pages from ``offset``, none of them read."""
         self._begin()
-        zero = self._encoder.zero
-        ps = self.page_size
-        records = [zero(block, offset + i * ps) for i in range(count)]
-        self._parts.extend(records)
         self.stats.zero_pages += count
-        self._added(sum(map(len, records)))
+        self._added(self._zero_records(block, offset, count))
 
     def pages(self, block: str, offset: int, data: bytes | bytearray) -> None:
         """PAGE (or ZERO, for pages that are all zeros) records for ``data``."""
-        self._begin()
         ps = self.page_size
-        page, zero, zero_page = self._encoder.page, self._encoder.zero, self._zero_page
-        records = []
-        zeros = 0
-        is_zero = data.startswith  # compares in place, without slicing a copy
+        if len(data) % ps:
+            raise ValueError(f"page data of {len(data)} bytes is not a multiple of {ps}")
+        self._begin()
+        zero = map(
+            data.startswith, repeat(self._zero_page, len(data) // ps), range(0, len(data), ps)
+        )
         view = memoryview(data)
-        for pos in range(0, len(data), ps):
-            if is_zero(zero_page, pos):
-                records.append(zero(block, offset + pos))
-                zeros += 1
+        index = size = 0
+        for is_zero, group in groupby(zero):
+            count = len(list(group))
+            at = offset + index * ps
+            if is_zero:
+                self.stats.zero_pages += count
+                size += self._zero_records(block, at, count)
             else:
-                records.append(page(block, offset + pos, view[pos : pos + ps]))
-        self._parts.extend(records)
-        self.stats.zero_pages += zeros
-        self.stats.data_pages += len(records) - zeros
-        self._added(sum(map(len, records)))
+                self.stats.data_pages += count
+                size += self._data_records(block, at, view[index * ps : (index + count) * ps])
+            index += count
+        self._added(size)
+
+    def _zero_records(self, block: str, offset: int, count: int) -> int:
+        """Queue ZERO records for ``count`` pages; returns their size."""
+        first = self._encoder.zero(block, offset)
+        rest = count - 1
+        records = bytearray(rest * _ZERO_RECORD)
+        words = _words((offset + self.page_size) | _CONTINUE_ZERO, rest, self.page_size)
+        for byte in range(_WORD):
+            records[byte::_ZERO_RECORD] = words[byte::_WORD]
+        self._parts += (first, records)
+        return len(first) + len(records)
+
+    def _data_records(self, block: str, offset: int, view: memoryview) -> int:
+        """Queue PAGE records for the pages of ``view`` (none of them zero); returns their size."""
+        ps = self.page_size
+        first = self._encoder.page(block, offset, view[:ps])
+        rest = len(view) // ps - 1
+        words = memoryview(_words((offset + ps) | _CONTINUE_PAGE, rest, ps))
+        self._parts.append(first)
+        self._parts.extend(
+            chain.from_iterable(
+                zip(
+                    _slices(words, rest, _WORD, _WORD),
+                    _slices(view[ps:], rest, ps, ps),
+                    strict=True,
+                )
+            )
+        )
+        return len(first) + rest * (_WORD + ps)
 
     def push(self) -> None:
         """Write what is buffered, leaving the current section open."""
