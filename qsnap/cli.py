@@ -19,14 +19,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType, ModuleType
 
-from qsnap.image.create import create_image, parse_size
-from qsnap.image.errors import ImageError
-from qsnap.image.layout import DEFAULT_VMSTATE_SIZE
-from qsnap.image.report import header_dict, header_text
-from qsnap.image.snapshot import SnapshotImage
-from qsnap.image.spec import parse_spec
-from qsnap.save import DEFAULT_TIMEOUT, SaveError, report, save
-from qsnap.stream import StreamError
+# qsnap's modules are imported by the subcommands that use them: QEMU starts
+# ``qsnap revert`` for every revert, and its start-up is part of the revert's time.
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +52,8 @@ def install_signal_handlers() -> None:
 
 
 def _size(text: str) -> int:
+    from qsnap.image.create import parse_size
+
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -80,6 +76,8 @@ def _fail(prog: str, message: object) -> int:
 
 
 def _add_save(p: argparse.ArgumentParser) -> None:
+    from qsnap.save import DEFAULT_TIMEOUT
+
     p.add_argument("image", metavar="IMAGE", help="blockdev spec: IMG[,opt=val...] or json:{...}")
     p.add_argument(
         "--save-vmstate",
@@ -99,6 +97,11 @@ def _add_save(p: argparse.ArgumentParser) -> None:
 
 
 def _run_save(args: argparse.Namespace) -> int:
+    from qsnap.image.errors import ImageError
+    from qsnap.image.spec import parse_spec
+    from qsnap.save import SaveError, report, save
+    from qsnap.stream import StreamError
+
     prog = "qsnap save"
     if os.isatty(0):
         return _fail(prog, "stdin is a terminal: pipe a migration stream into it (exec:)")
@@ -120,6 +123,8 @@ def _run_save(args: argparse.Namespace) -> int:
 
 
 def _add_create(p: argparse.ArgumentParser) -> None:
+    from qsnap.image.layout import DEFAULT_VMSTATE_SIZE
+
     p.add_argument("image", metavar="IMG", help="qcow2 file to create (overwritten)")
     p.add_argument("--ram-size", type=_size, required=True, help="guest RAM size, e.g. 2G")
     p.add_argument(
@@ -131,6 +136,9 @@ def _add_create(p: argparse.ArgumentParser) -> None:
 
 
 def _run_create(args: argparse.Namespace) -> int:
+    from qsnap.image.create import create_image
+    from qsnap.image.errors import ImageError
+
     try:
         size = create_image(args.image, args.ram_size, args.vmstate_size)
     except ImageError as exc:
@@ -145,6 +153,11 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from qsnap.image.errors import ImageError
+    from qsnap.image.report import header_dict, header_text
+    from qsnap.image.snapshot import SnapshotImage
+    from qsnap.image.spec import parse_spec
+
     try:
         with SnapshotImage.open(parse_spec(args.image)) as image:
             header = image.read_header()
@@ -163,6 +176,10 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    from qsnap.image.errors import ImageError
+    from qsnap.image.snapshot import SnapshotImage
+    from qsnap.image.spec import parse_spec
+
     prog = "qsnap verify"
     try:
         with SnapshotImage.open(parse_spec(args.image)) as image:
@@ -199,11 +216,15 @@ def _plugin(module: str) -> ModuleType | None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``command`` known, other plug-ins are not imported (start-up time)."""
+    """The parser; with ``command`` known, the other subcommands get no arguments and their
+    modules are not imported (start-up time)."""
     parser = argparse.ArgumentParser(prog="qsnap", description="External memory snapshots for QEMU")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add, handler, helptext) in BUILTIN.items():
+        if command is not None and command != name:
+            sub.add_parser(name, help=helptext)
+            continue
         p = sub.add_parser(name, help=helptext, description=helptext)
         add(p)
         p.set_defaults(handler=handler)
@@ -231,7 +252,7 @@ def _plugin_exists(module: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in BUILTIN else None)
+    parser = build_parser(command if command in BUILTIN or command in PLUGINS else None)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format=f"qsnap {args.command}: %(message)s")

@@ -21,7 +21,6 @@ from qsnap.image.errors import ImageError
 from qsnap.image.snapshot import SnapshotImage
 from qsnap.image.spec import parse_spec
 from qsnap.revert.errors import RevertError
-from qsnap.revert.postcopy import PostcopySender
 from qsnap.revert.precopy import revert_precopy
 from qsnap.revert.return_path import ReturnPath
 from qsnap.revert.session import AbortCheck, RevertOptions, Terminated, revert_signals
@@ -137,6 +136,8 @@ def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
         rp = ReturnPath(0) if use_rp else None
         sink.abort_check = AbortCheck(rp)
         if postcopy:
+            from qsnap.revert.postcopy import PostcopySender  # only postcopy needs it
+
             assert rp is not None
             sender = PostcopySender(source, sink, rp, options, stats)
             rp.start()
