@@ -144,9 +144,13 @@ def test_build_is_cached_keyed_by_inputs_and_locked(tmp_path: Path) -> None:
     assert first.parent == cache / "vm-images"
     assert (first / "pattern.img").stat().st_size == 1 << 20  # padded: q35 boots it
     assert (first / "pattern.img").read_bytes()[510:512] == b"\x55\xaa"
-    assert sorted(p.name for p in (cache / "vm-images").iterdir()) == sorted(
-        [first.name, "pattern.lock"]
-    ), "a racing build left something behind"
+    entries = sorted(p.name for p in (cache / "vm-images").iterdir())
+    memos = [name for name in entries if name.startswith(".pattern-inputs-")]
+    assert sorted(set(entries) - set(memos)) == sorted([first.name, "pattern.lock"]), (
+        "a racing build left something behind"
+    )
+    assert len(memos) == 1, entries
+    assert (cache / "vm-images" / memos[0]).read_text().strip() == first.name.split("-", 1)[1]
 
     built_at = (first / ".complete").stat().st_mtime_ns
     again = run_build(script, cache, "pattern")
