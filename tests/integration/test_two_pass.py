@@ -53,6 +53,7 @@ REGION_MIB = 64
 WRITER_RATE = 2000
 PATTERN_MIB = 128
 TIMEOUT = 120.0
+STALL_LIMIT = 20.0
 QMP_TIMEOUT = 120.0
 """A background snapshot of a busy guest can hold QEMU's monitor for a while here."""
 
@@ -379,7 +380,25 @@ class WriterPosition:
 
 def agent_position(agent: AgentClient) -> WriterPosition:
     fields = agent.command("status")
-    return WriterPosition(int(fields["g"]), int(fields["k"]), int(fields["pages"]))
+    try:
+        return WriterPosition(int(fields["g"]), int(fields["k"]), int(fields["pages"]))
+    except (KeyError, ValueError):
+        raise AgentError(f"agent: not a status answer: {fields}") from None
+
+
+def writer_stall(agent: AgentClient) -> float:
+    """Host seconds until the writer moves on (`STALL_LIMIT` if it never does).
+
+    The writer is paced by the guest's monotonic clock, so this is how long that clock
+    stands still from the guest's point of view.
+    """
+    first = agent_position(agent).written
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < STALL_LIMIT:
+        if agent_position(agent).written != first:
+            return round(elapsed, 1)
+        time.sleep(0.2)
+    return STALL_LIMIT
 
 
 def region_position(stream: Path, seed: int) -> WriterPosition:
@@ -436,7 +455,9 @@ def test_running_guest_two_moments(vms: VMFactory, tmp_path: Path) -> None:
         code, errors = save_pass(vm, double, StreamContent.VMSTATE)
         assert code == 0, errors
         after_vmstate = agent_position(agent)
+        vmstate_done = time.monotonic()
         time.sleep(2.0)
+        ram_start = time.monotonic()
         code, errors = save_pass(vm, double, StreamContent.RAM)
         assert code == 0, errors
         assert vm.runstate() is RunState.RUNNING
@@ -457,11 +478,12 @@ def test_running_guest_two_moments(vms: VMFactory, tmp_path: Path) -> None:
     assert positions["two-pass"].written > after_vmstate.written, (positions, after_vmstate)
     log.info(
         "writer position: single pass %s (status %s..%s); device-state pass ended at %s, "
-        "RAM pass shows %s",
+        "RAM pass (started %.1f s later) shows %s",
         positions["single"].written,
         before_single.written,
         after_single.written,
         after_vmstate.written,
+        ram_start - vmstate_done,
         positions["two-pass"].written,
     )
 
@@ -478,13 +500,22 @@ def test_running_guest_two_moments(vms: VMFactory, tmp_path: Path) -> None:
             start = dst.console_size()
             agent.send("verify")
             dst.cont()
+            answer, stall = "no answer", None
             try:
                 answer = agent.answer("verify", timeout=60)
+                stall = writer_stall(agent)
             except AgentError as exc:
-                answer = f"no answer: {exc}"
+                answer += f" ({exc})"
             console = dst.console_text(start)
-        log.info("%s revert: agent %r; console after cont: %r", name, answer, console[-2000:])
+        log.info(
+            "%s revert: agent %r; writer still for %s s after verify; console after cont: %r",
+            name,
+            answer,
+            stall,
+            console[-2000:],
+        )
         if name == "single":
             verified = agent.parse_verify(answer)
             assert verified.ok and verified.pages == REGION_MIB * 256, verified
+            assert stall is not None and stall < STALL_LIMIT, stall
         dst.shutdown()
