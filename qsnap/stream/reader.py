@@ -214,8 +214,7 @@ class StreamReader:
             self.device_state_end = self._tail.end()
             if self.device_state_end is None:
                 self._fail(
-                    f"stream truncated at byte {self._tail.offset} inside the device state: "
-                    "it does not end with EOF",
+                    "stream truncated inside the device state: it does not end with EOF",
                     self._tail.offset,
                 )
             return
@@ -232,7 +231,7 @@ class StreamReader:
             where = "the stream (no EOF)"
         else:
             where = state
-        self._fail(f"stream truncated at byte {end} inside {where}", end)
+        self._fail(f"stream truncated inside {where}", end)
 
     def _fail(self, message: str, offset: int) -> NoReturn:
         self._error = StreamError(message, offset)

@@ -173,8 +173,7 @@ class ReturnPathReader:
         if self._pos < len(self._buf):
             end = self._base + len(self._buf)
             self._fail(
-                f"return path truncated at byte {end} inside the message starting at "
-                f"byte {self.offset}",
+                f"return path truncated inside the message starting at byte {self.offset}",
                 end,
             )
 
