@@ -136,6 +136,8 @@ class SuiteEnvironment:
         """
         env = dict(os.environ)
         env.update(self.variables)
+        # stdout and stderr share one pipe: unbuffered, their lines keep their order.
+        env["PYTHONUNBUFFERED"] = "1"
         tag = f"{self.variables['IMGFMT']}-{self.variables['IMGPROTO']}-{name}"
         for var, root in (("TEST_DIR", self.test_root), ("SOCK_DIR", self.sock_root)):
             path = root / tag
