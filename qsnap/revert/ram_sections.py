@@ -3,8 +3,9 @@
 Both revert modes send pages the same way: ZERO records for pages known or found to be
 zero (never a zero page as PAGE, unlike the seed), PAGE records otherwise, CONTINUE
 chosen by ``RamEncoder``, and each PART closed by EOS and its footer once it holds
-about ``part_bytes``.  Records are buffered and joined into one write of about
-``part_bytes`` (one memcpy in C is cheaper than Python bookkeeping per record).
+about ``part_bytes``.  Records are buffered as record words and views of the read buffers, and
+written with ``writev`` once they hold about ``part_bytes``: the kernel gathers them, so
+page data is copied once, from the read buffer into the pipe.
 
 Revert spends its CPU here, and the machine it shares with QEMU and the storage daemon
 has little to spare, so no Python bytecode runs per page: the first record of a run goes
@@ -139,7 +140,7 @@ class RamSectionWriter:
     def push(self) -> None:
         """Write what is buffered, leaving the current section open."""
         if self._parts:
-            self.sink.write([b"".join(self._parts)])
+            self.sink.write(self._parts)
             self._parts = []
             self._pending = 0
 

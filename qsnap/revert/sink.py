@@ -14,11 +14,13 @@ import os
 import select
 import stat
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 from qsnap.revert.errors import RevertError
 
-Buffer = bytes | memoryview
+Buffer = bytes | bytearray | memoryview
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 _POLL_SLICE_MS = 100
@@ -79,8 +81,15 @@ class StreamSink:
                 raise RevertError(f"QEMU has read nothing for {self.stall_timeout:g} s; giving up")
 
     def write(self, parts: Sequence[Buffer]) -> None:
-        """Write every byte of ``parts`` (bytes, or byte-format memoryviews) in order."""
+        """Write every byte of ``parts`` (bytes, or byte-format memoryviews) in order.
+
+        Parts may be many and small (a record word, then a page): after a partial write
+        the first unwritten part is found by bisection on their cumulative ends, so no
+        Python code runs per part.
+        """
         pending: list[Buffer] = list(parts)
+        ends = list(accumulate(map(len, pending)))
+        written = 0
         index = 0
         while index < len(pending):
             try:
@@ -93,8 +102,9 @@ class StreamSink:
             except OSError as exc:
                 raise RevertError(f"writing the migration stream: {exc.strerror}") from None
             self.bytes_written += done
-            while index < len(pending) and done >= len(pending[index]):
-                done -= len(pending[index])
-                index += 1
-            if done:
-                pending[index] = memoryview(pending[index])[done:]
+            written += done
+            index = bisect_right(ends, written)
+            if index < len(pending):
+                start = ends[index] - len(parts[index])
+                if written > start:
+                    pending[index] = memoryview(parts[index])[written - start :]
