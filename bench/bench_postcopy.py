@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench_revert import measure, qsnap_json, revert_uri, saved_guest, timed_load
+from bench_revert import load_average, measure, qsnap_json, revert_uri, saved_guest, timed_load
 
 from qsnap.harness.vm import VM
 
@@ -44,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="256,1024,2048", help="guest RAM sizes, MiB")
     args = parser.parse_args()
+    print(f"load average at the start: {load_average()}", flush=True)
     rows = []
     for ram in (int(s) for s in args.sizes.split(",")):
         row = bench_size(ram)
@@ -60,6 +61,7 @@ def main() -> None:
         print(f"time to running, largest / smallest guest: {rows[-1][1] / rows[0][1]:.2f}")
     for ram, _, total, precopy, _ in rows:
         print(f"{ram:5d} MiB  postcopy completion throughput / precopy: {precopy / total:.2f}")
+    print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -92,12 +92,18 @@ def measure(
     return total, resumed, vm
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load: the machine is shared, and the numbers mean little without it."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ram", type=int, default=1024, help="guest RAM, MiB")
     parser.add_argument("--fill", type=int, default=512, help="guest data written, MiB")
     parser.add_argument("--repeat", type=int, default=3, help="loads of each kind, alternated")
     args = parser.parse_args()
+    start_load = load_average()
     cats: list[float] = []
     revs: list[float] = []
     own: list[object] = []
@@ -123,6 +129,7 @@ def main() -> None:
         subprocess.run([QSNAP, "revert", "--help"], capture_output=True, check=True)
         startup = time.monotonic() - start
     cat, rev = min(cats), min(revs)
+    print(f"load average       {start_load} at the start, {load_average()} at the end")
     print(f"guest RAM          {args.ram} MiB, {args.fill} MiB filled, stream {stream_mib:.1f} MiB")
     print(
         f"exec:cat FILE      best {cat:.3f} s  {args.ram / cat:.1f} MiB/s of guest RAM  "
