@@ -33,6 +33,7 @@ from qsnap.image.writer import ImageWriter, RamSetup, StreamPrologue, WriteStats
 from qsnap.stream import StreamError, StreamOptions, StreamReader
 from qsnap.stream import records as r
 from qsnap.stream.constants import RAM_IDSTR
+from qsnap.stream.reader import RamPageRun, RamZeroRun
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,17 @@ class StreamSaver:
 
     def _drain(self) -> None:
         writer = self.writer
-        page_cls, zero_cls = r.RamPage, r.RamZero
-        for rec in self.reader.records():
+        for rec in self.reader.batches():
             cls = type(rec)
-            if cls is page_cls:
-                assert isinstance(rec, r.RamPage)
+            if cls is RamPageRun:
+                assert isinstance(rec, RamPageRun)
+                writer.pages(rec.block, rec.offset, rec.pages)
+            elif cls is RamZeroRun:
+                assert isinstance(rec, RamZeroRun)
+                writer.zeros(rec.block, rec.offset, rec.count, self.reader.page_size)
+            elif isinstance(rec, r.RamPage):  # left for close() to collect
                 writer.page(rec.block, rec.offset, rec.data)
-            elif cls is zero_cls:
-                assert isinstance(rec, r.RamZero)
+            elif isinstance(rec, r.RamZero):
                 writer.zero(rec.block, rec.offset, self.reader.page_size)
             elif isinstance(rec, r.DeviceStateChunk):
                 writer.device_state(rec.data)
@@ -168,7 +172,7 @@ class StreamSaver:
             if not self.ram_setup_done:
                 self.record_start = self.reader.offset
 
-    def _other(self, rec: r.Record) -> None:
+    def _other(self, rec: r.Record | RamPageRun | RamZeroRun) -> None:
         at = self.record_start
         if isinstance(rec, r.StreamHeader | r.Configuration):
             self.prologue_end = self.reader.offset

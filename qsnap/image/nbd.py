@@ -35,6 +35,7 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 BASE_ALLOCATION = "base:allocation"
 MAX_WINDOW = 16
+IOV_MAX = 1024
 SEND_BUFFER = 4 << 20
 
 
@@ -258,6 +259,33 @@ class NbdClient:
         self._recv_into(memoryview(buf))
         return bytes(buf)
 
+    def _send_all(
+        self, header: bytes, payload: tuple[bytes | bytearray | memoryview, ...], length: int
+    ) -> bool:
+        """One sendmsg of a whole request; False (nothing sent) when the socket has no room.
+
+        The common case of a large write costs no per-part work at all; otherwise
+        :meth:`_send` takes over (after a partial send, with what is left).
+        """
+        try:
+            sent = self._sock.sendmsg(
+                (header, *payload), (), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+            )
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise NbdError(f"NBD send failed: {exc.strerror or exc}") from None
+        if sent == len(header) + length:
+            return True
+        parts: list[bytes | bytearray | memoryview] = [header, *payload]
+        for i, part in enumerate(parts):
+            n = memoryview(part).nbytes
+            if sent < n:
+                self._send(memoryview(part).cast("B")[sent:], *parts[i + 1 :])
+                return True
+            sent -= n
+        return True
+
     def _send(self, *parts: bytes | bytearray | memoryview) -> None:
         views: list[bytes | memoryview] = [
             p if type(p) is bytes else memoryview(p).cast("B") for p in parts if len(p)
@@ -372,6 +400,8 @@ class NbdClient:
             pending.buffer = bytearray(length)
         self._pending[cookie] = pending
         header = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+        if cmd == Cmd.WRITE and len(payload) < IOV_MAX and self._send_all(header, payload, length):
+            return cookie
         self._send(header, *payload)
         return cookie
 
@@ -391,10 +421,19 @@ class NbdClient:
         return self._submit(Cmd.WRITE, offset, length, flags, data)
 
     def submit_writev(
-        self, offset: int, parts: list[bytes | memoryview], *, fua: bool = False
+        self,
+        offset: int,
+        parts: list[bytes | memoryview],
+        *,
+        fua: bool = False,
+        length: int | None = None,
     ) -> int:
-        """One WRITE of the concatenation of ``parts``, sent with sendmsg (no copy)."""
-        length = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
+        """One WRITE of the concatenation of ``parts``, sent with sendmsg (no copy).
+
+        ``length``: their total size, when the caller knows it (saves a pass over them).
+        """
+        if length is None:
+            length = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
         if length > self.max_payload:
             raise NbdError(f"NBD WRITE of {length} bytes exceeds the server maximum")
         flags = CmdFlag.FUA if fua else CmdFlag.NONE

@@ -10,7 +10,7 @@ exception leaves the header at SAVING, so a failed save is never mistaken for a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from qsnap.image import layout
@@ -59,14 +59,18 @@ class WriteStats:
 
 
 class _BlockState:
-    """Per block during a save: its entry, first digest slot, and which pages hold data."""
+    """Per block during a save: its entry, first digest slot, and which pages hold data.
+
+    ``written`` has one byte per page (1: data written), not one bit: a run of pages is
+    then checked and marked by slices, at C speed (512 KiB for a 2 GiB block).
+    """
 
     __slots__ = ("digest_base", "entry", "written")
 
     def __init__(self, entry: BlockEntry, digest_base: int, pages: int) -> None:
         self.entry = entry
         self.digest_base = digest_base
-        self.written = bytearray((pages + 7) // 8)
+        self.written = bytearray(pages)
 
 
 class ImageWriter:
@@ -218,7 +222,7 @@ class ImageWriter:
 
     def _flush_buffer(self) -> None:
         if self._buf_len:
-            self.client.submit_writev(self._buf_start, self._parts)
+            self.client.submit_writev(self._buf_start, self._parts, length=self._buf_len)
             self.stats.written_bytes += self._buf_len
             self._buf_len = 0
             self._parts = []
@@ -244,11 +248,15 @@ class ImageWriter:
         if self._buf_len >= self._max_write:
             self._flush_buffer()
 
-    def _locate(self, block: str, offset: int, length: int) -> _BlockState:
+    def _locate(self, block: str, offset: int, page_size: int, count: int = 1) -> _BlockState:
         state = self._blocks.get(block)
         if state is None:
             raise ImageError(f"page of unknown RAM block {block!r} at offset {offset:#x}")
-        if offset % length or offset + length > state.entry.used_length:
+        if (
+            not page_size
+            or offset % page_size
+            or offset + count * page_size > state.entry.used_length
+        ):
             raise ImageError(
                 f"page at offset {offset:#x} of RAM block {block!r} is outside the block "
                 f"(length {state.entry.used_length:#x}) or not page aligned"
@@ -257,44 +265,77 @@ class ImageWriter:
 
     def page(self, block: str, offset: int, data: bytes | memoryview) -> None:
         """Store a data page; contiguous pages become one write."""
-        page_size = len(data)
-        state = self._locate(block, offset, page_size)
+        self.pages(block, offset, (data,))
+
+    def pages(self, block: str, offset: int, pages: Sequence[bytes | memoryview]) -> None:
+        """Store data pages at consecutive offsets from ``offset``, all of one size.
+
+        The pages are kept by reference until written (callers must not reuse them);
+        the bookkeeping of a run (digests, written map) is done by slices, not per page.
+        """
+        count = len(pages)
+        if not count:
+            return
+        page_size = len(pages[0])
+        if sum(map(len, pages)) != count * page_size:
+            raise ImageError(f"pages of different sizes in a run at {block!r}+{offset:#x}")
+        state = self._locate(block, offset, page_size, count)
         index = offset // page_size
-        bit = 1 << (index & 7)
         written = state.written
-        if written[index >> 3] & bit:
+        if written.find(1, index, index + count) >= 0:
             # sent again (precopy resends dirty pages): in-flight NBD requests are not
             # ordered, so the older copy must land first
             self._flush_buffer()
             self.client.drain()
-        written[index >> 3] |= bit
+        written[index : index + count] = b"\1" * count
         d = (state.digest_base + index) * DIGEST_SIZE
-        self._digests[d : d + DIGEST_SIZE] = self._digest(data)
+        self._digests[d : d + count * DIGEST_SIZE] = b"".join(map(self._digest, pages))
+        self.stats.data_pages += count
         image_offset = state.entry.image_offset + offset
-        if (
-            self._buf_len
-            and image_offset == self._buf_start + self._buf_len
-            and self._buf_len + page_size < self._max_write
-            and len(self._parts) < MAX_PARTS
-        ):
-            self._parts.append(data)  # the common case: the next page of a run
-            self._buf_len += page_size
-        else:
-            self._append(image_offset, data)
-        self.stats.data_pages += 1
+        done = 0
+        while done < count:
+            if self._buf_len and image_offset != self._buf_start + self._buf_len:
+                self._flush_buffer()
+            if not self._buf_len:
+                self._buf_start = image_offset
+            room = min((self._max_write - self._buf_len) // page_size, MAX_PARTS - len(self._parts))
+            take = max(room, 0 if self._buf_len else 1)
+            if not take:
+                self._flush_buffer()
+                continue
+            if done == 0 and take >= count:
+                self._parts.extend(pages)  # the common case: the whole run fits
+                take = count
+            else:
+                take = min(take, count - done)
+                self._parts.extend(pages[done : done + take])
+            self._buf_len += take * page_size
+            image_offset += take * page_size
+            done += take
+            if self._buf_len >= self._max_write or len(self._parts) >= MAX_PARTS:
+                self._flush_buffer()
 
     def zero(self, block: str, offset: int, page_size: int) -> None:
         """A zero page costs no I/O unless this save already wrote data there."""
-        state = self._locate(block, offset, page_size)
+        self.zeros(block, offset, 1, page_size)
+
+    def zeros(self, block: str, offset: int, count: int, page_size: int) -> None:
+        """``count`` zero pages from ``offset``: no I/O unless this save wrote data there."""
+        state = self._locate(block, offset, page_size, count)
         index = offset // page_size
-        self.stats.zero_pages += 1
-        if state.written[index >> 3] & (1 << (index & 7)):
-            state.written[index >> 3] &= ~(1 << (index & 7)) & 0xFF
-            d = (state.digest_base + index) * layout.PAGE_DIGEST_SIZE
-            self._digests[d : d + layout.PAGE_DIGEST_SIZE] = self._zero_digest
-            self._flush_buffer()
-            self.client.drain()  # the data write must not overtake the zeroing
-            self.client.submit_write_zeroes(state.entry.image_offset + offset, page_size)
+        self.stats.zero_pages += count
+        written = state.written
+        if written.find(1, index, index + count) < 0:
+            return
+        self._flush_buffer()
+        self.client.drain()  # the data writes must not overtake the zeroing
+        for i in range(index, index + count):
+            if written[i]:
+                written[i] = 0
+                d = (state.digest_base + i) * DIGEST_SIZE
+                self._digests[d : d + DIGEST_SIZE] = self._zero_digest
+                self.client.submit_write_zeroes(state.entry.image_offset + i * page_size, page_size)
+        self.client.drain()  # nor may a later data write overtake it
 
     def device_state(self, data: bytes | memoryview) -> None:
         """Append device-state bytes (any chunking); fails before writing past the disk."""
@@ -324,7 +365,7 @@ class ImageWriter:
             blocks = []
             for entry in header.blocks:
                 state = self._blocks[entry.idstr]
-                data_pages = sum(bin(b).count("1") for b in state.written)
+                data_pages = state.written.count(1)
                 blocks.append(
                     replace(
                         entry,

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import chain
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from . import records as r
 from .constants import (
@@ -96,6 +97,32 @@ _DONE = "the end of the stream"
 _RAW = "the device state"
 
 
+@dataclass(frozen=True, slots=True)
+class RamPageRun:
+    """Data pages at consecutive offsets of one RAM block, from :meth:`StreamReader.batches`.
+
+    ``pages`` are read-only views into the bytes fed (never copied; they keep that input
+    alive while held).  A run says nothing about CONTINUE flags: it is for consumers that
+    store pages, not for re-encoding the stream byte for byte.
+    """
+
+    block: str
+    offset: int
+    pages: tuple[memoryview, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RamZeroRun:
+    """``count`` ZERO records at consecutive offsets of one RAM block."""
+
+    block: str
+    offset: int
+    count: int
+
+
+Batch = r.Record | RamPageRun | RamZeroRun
+
+
 def _type_name(byte: int) -> str:
     try:
         return SectionType(byte).name
@@ -174,15 +201,31 @@ class StreamReader:
         if self._leftover:
             leftover, self._leftover = self._leftover, []
             return iter(leftover)
-        return chain.from_iterable(self._segments())
+        return cast(Iterator[r.Record], chain.from_iterable(self._segments()))
 
-    def _segments(self) -> Iterator[Iterable[r.Record]]:
+    def batches(self) -> Iterator[Batch]:
+        """Like :meth:`records`, but consecutive RAM pages come as runs.
+
+        Pages and zero pages that follow each other in one block (the bulk of a
+        snapshot) arrive as :class:`RamPageRun` and :class:`RamZeroRun` instead of one
+        record each: no record object and no copy per page.  Every other record, and
+        every error, is what :meth:`records` gives, at the same point of the stream.
+        Records left for :meth:`close` to collect still come from :meth:`records`.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._leftover:
+            leftover, self._leftover = self._leftover, []
+            return iter(leftover)
+        return chain.from_iterable(self._segments(batched=True))
+
+    def _segments(self, batched: bool = False) -> Iterator[Iterable[Batch]]:
         # RAM records come from one generator per run, chained in C: a generator
         # layer per record would cost as much as parsing it.
         while True:
             state = self._state
             if state is _RAM:
-                yield self._ram_records()
+                yield self._ram_runs() if batched else self._ram_records()
                 if self._state is _RAM:
                     return
             elif state is _RAW:
@@ -204,7 +247,7 @@ class StreamReader:
         if not self._closed:
             self._closed = True
             # Records not drained yet stay available to records().
-            self._leftover.extend(chain.from_iterable(self._segments()))
+            self._leftover.extend(cast(Iterator[r.Record], chain.from_iterable(self._segments())))
         end = self._base + len(self._buf)
         state = self._state
         if state is _RAW:
@@ -589,6 +632,123 @@ class StreamReader:
                 buf = self._buf
                 pos = self._pos
                 end = len(buf)
+
+    def _ram_runs(self) -> Iterator[Batch]:
+        """:meth:`_ram_records` for :meth:`batches`: the same checks, pages in runs.
+
+        Only the common case is handled inline: a CONTINUE record extending the open run.
+        Anything else closes the run (yielded first, so that records and errors keep
+        their stream order) and goes through the per-record code below.
+        """
+        page_size = self.page_size
+        mask = page_size - 1
+        unpack = _BE64.unpack_from
+        page_c, zero_c, page, zero = _PAGE_C, _ZERO_C, _PAGE, _ZERO
+        last = self._last_block
+        name, length = last if last is not None else ("", -1)
+        buf = self._buf
+        view = memoryview(buf)
+        pos = self._pos
+        end = len(buf)
+        pages: list[memoryview] = []
+        append = pages.append
+        expect = zexpect = -1  # the offset that extends the open page / zero run
+        run_at = zeros = 0
+        while True:
+            if end - pos < 8:
+                break
+            word = unpack(buf, pos)[0]
+            flags = word & mask
+            addr = word ^ flags
+            if addr == expect and flags == page_c and addr < length:
+                stop = pos + 8 + page_size
+                if stop > end:
+                    break
+                append(view[pos + 8 : stop])
+                pos = stop
+                expect += page_size
+                continue
+            if addr == zexpect and flags == zero_c and addr < length:
+                if end - pos < 9:
+                    break
+                if not buf[pos + 8]:
+                    pos += 9
+                    zexpect += page_size
+                    zeros += 1
+                    continue
+            # Close the open run, then one record the slow way.
+            self._pos = pos
+            if pages:
+                yield RamPageRun(name, run_at, tuple(pages))
+                pages.clear()
+                expect = -1
+            elif zeros:
+                yield RamZeroRun(name, run_at, zeros)
+                zeros = 0
+                zexpect = -1
+            if self._buf is not buf:  # feed() while the consumer held the run
+                buf = self._buf
+                view = memoryview(buf)
+                pos = self._pos
+                end = len(buf)
+                continue
+            if flags == page_c or flags == zero_c:  # noqa: SIM109 - no tuple per record
+                if addr >= length:
+                    self._bad_continue(addr, pos)
+                start = pos + 8
+            elif flags == page or flags == zero:  # noqa: SIM109
+                blocks = self._blocks
+                if blocks is None:
+                    self._fail("RAM page before the RAM block list (MEM_SIZE)", self._base + pos)
+                if end - pos < 9:
+                    break
+                start = pos + 9 + buf[pos + 8]
+                if start > end:
+                    break
+                blk = blocks.get(buf[pos + 9 : start])
+                if blk is None:
+                    text = decode_name(buf[pos + 9 : start])
+                    self._fail(f"RAM block {text!r} is not in the MEM_SIZE list", self._base + pos)
+                if addr >= blk[1]:
+                    self._bad_offset(blk[0], addr, blk[1], pos)
+                if start + (page_size if flags == page else 1) > end:
+                    break
+                self._last_block = blk
+                name, length = blk
+            else:
+                rec = self._ram_other(flags, addr)
+                if rec is None:
+                    break
+                yield rec
+                if self._state is not _RAM:
+                    return
+                if self._buf is not buf:
+                    buf = self._buf
+                    view = memoryview(buf)
+                    end = len(buf)
+                pos = self._pos
+                continue
+            run_at = addr
+            if flags & _PAGE:
+                stop = start + page_size
+                if stop > end:
+                    break
+                append(view[start:stop])
+                expect = addr + page_size
+            else:
+                stop = start + 1
+                if stop > end:
+                    break
+                if buf[start]:
+                    self._bad_fill(buf[start], start)
+                zeros = 1
+                zexpect = addr + page_size
+            pos = stop
+        self._pos = pos
+        if pages:
+            yield RamPageRun(name, run_at, tuple(pages))
+        elif zeros:
+            yield RamZeroRun(name, run_at, zeros)
 
     def _bad_continue(self, addr: int, pos: int) -> NoReturn:
         if self._last_block is None:

@@ -38,6 +38,14 @@ class Recorder:
     def zero(self, block: str, offset: int, page_size: int) -> None:
         self.calls.append(("zero", block, offset))
 
+    def pages(self, block: str, offset: int, pages: tuple[memoryview, ...]) -> None:
+        for i, data in enumerate(pages):
+            self.page(block, offset + i * len(data), bytes(data))
+
+    def zeros(self, block: str, offset: int, count: int, page_size: int) -> None:
+        for i in range(count):
+            self.zero(block, offset + i * page_size, page_size)
+
     def start_device_state(self, head: StreamPrologue) -> None:
         self.calls.append(("device", head))
 
