@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qsnap.image import layout
-from qsnap.image.errors import ImageTooSmall, IncompleteImage
+from qsnap.image.errors import ImageError, ImageTooSmall, IncompleteImage
 from qsnap.image.layout import BlockEntry, ImageState, Pass
 from qsnap.image.snapshot import SnapshotImage
 from qsnap.image.writer import ImageWriter, RamSetup, StreamPrologue
@@ -98,3 +98,30 @@ def test_vmstate_first_then_ram_lays_ram_after_the_device_state(tmp_path: Path) 
         assert final.block("ram0").image_offset == layout.HEADER_SIZE + 4 * MiB
         assert image.read("ram0", 0, PAGE) == page(9)
         assert b"".join(image.device_state(sections_only=True)) == bytes(3 * MiB)
+
+
+def test_runs_split_resent_and_zeroed(tmp_path: Path) -> None:
+    """Runs cut across small writes, a resent run over data in flight, a zero run over
+    part of it; then a data page where a zeroed one was (no write may overtake another)."""
+    spec = qcow2(tmp_path / "r.qcow2", 32 * MiB)
+    with SnapshotImage.open(spec, writable=True) as image:
+        writer = ImageWriter(image, max_write=5 * PAGE)
+        writer.start_ram(HEAD, SETUP)
+        writer.pages("ram0", 3 * PAGE, [memoryview(page(10 + i)) for i in range(20)])
+        writer.pages("ram0", 12 * PAGE, [page(40 + i) for i in range(4)])  # resent
+        writer.zeros("ram0", 0, 6, PAGE)  # pages 3-5 had data
+        writer.pages("ram0", 4 * PAGE, [page(60)])
+        with pytest.raises(ImageError, match=r"outside the block"):
+            writer.pages("rom", 14 * PAGE, [page(1), page(1), page(1)])
+        header = writer.finish()
+        ram0 = header.block("ram0")
+        expected = [bytes(PAGE)] * 3 + [page(10 + i) for i in range(20)]
+        expected[3] = expected[5] = bytes(PAGE)
+        expected[4] = page(60)
+        expected[12:16] = [page(40 + i) for i in range(4)]
+        assert (ram0.data_pages, header.block("rom").data_pages) == (18, 0)
+        data = image.client.read(ram0.image_offset, len(expected) * PAGE)
+        got = [bytes(data[i * PAGE : (i + 1) * PAGE]) for i in range(len(expected))]
+        assert got == expected
+        digests = image.client.read(header.digests.offset, len(expected) * 8)
+        assert bytes(digests) == b"".join(layout.page_digest(p) for p in expected)
