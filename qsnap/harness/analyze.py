@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qsnap.harness.project_scripts import SOURCE_TREE, ScriptError, run_for_path
 from qsnap.stream import StreamError, split_device_state_tail
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ VMDESC_WINDOW = 10 << 20
 """analyze-migration.py looks for the vmdesc in the last 10 MiB of a stream."""
 
 _SCRIPT = Path("scripts") / "analyze-migration.py"
-_FETCH = Path(__file__).resolve().parents[2] / "ci" / "fetch-qemu-source"
+_FETCH = SOURCE_TREE / "ci" / "fetch-qemu-source"
 
 JsonPath = tuple[str | int, ...]
 
@@ -57,18 +58,9 @@ def find_qemu_source(explicit: str | os.PathLike[str] | None = None) -> Path:
                 f"no QEMU source tree: set QSNAP_QEMU_SRC ({_FETCH} is not available)"
             )
         try:
-            proc = subprocess.run(
-                [os.fspath(_FETCH)],
-                capture_output=True,
-                text=True,
-                timeout=FETCH_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise AnalyzeError(f"{_FETCH}: no result within {FETCH_TIMEOUT:g} s") from None
-        if proc.returncode != 0:
-            raise AnalyzeError(f"{_FETCH}: {_last_line(proc.stderr)}")
-        tree = Path(proc.stdout.strip())
+            tree = run_for_path([_FETCH], FETCH_TIMEOUT)
+        except ScriptError as exc:
+            raise AnalyzeError(str(exc)) from None
         origin = _FETCH.name
     if not (tree / _SCRIPT).is_file():
         raise AnalyzeError(f"{tree} (from {origin}): no {_SCRIPT} in it")

@@ -20,12 +20,13 @@ import os
 import re
 import socket
 import struct
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
+
+from qsnap.harness.project_scripts import SOURCE_TREE, ScriptError, run_for_path
 
 if TYPE_CHECKING:
     from qsnap.harness.vm import VM
@@ -49,7 +50,7 @@ class GuestName(enum.StrEnum):
 def vm_images_dir() -> Path:
     """The vm-images/ recipes of this source tree (`QSNAP_VM_IMAGES` overrides)."""
     explicit = os.environ.get("QSNAP_VM_IMAGES")
-    path = Path(explicit) if explicit else Path(__file__).resolve().parents[2] / "vm-images"
+    path = Path(explicit) if explicit else SOURCE_TREE / "vm-images"
     if not (path / "build").is_file():
         raise GuestError(f"no vm-images/build in {path} (set QSNAP_VM_IMAGES to the recipes)")
     return path
@@ -65,22 +66,12 @@ def build_guest(name: GuestName | str, timeout: float = BUILD_TIMEOUT) -> Path:
     script = vm_images_dir() / "build"
     log.info("building guest %s with %s", guest, script)
     try:
-        done = subprocess.run(
-            [os.fspath(script), guest.value],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise GuestError(f"{script} {guest}: still running after {timeout:g} s") from None
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
-        raise GuestError(f"{script} {guest}: exit status {done.returncode}: {tail[0]}")
-    lines = done.stdout.strip().splitlines()
-    if not lines or not Path(lines[-1]).is_dir():
+        built = run_for_path([script, guest.value], timeout)
+    except ScriptError as exc:
+        raise GuestError(str(exc)) from None
+    if not built.is_dir():
         raise GuestError(f"{script} {guest}: printed no artefact directory")
-    return Path(lines[-1])
+    return built
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,12 @@ import functools
 import logging
 import os
 import shlex
-import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qsnap.harness.project_scripts import SOURCE_TREE, ScriptError, run_for_path
 from qsnap.harness.qemu import Probe, find_qemu, qmp_stdio
 from qsnap.harness.vm import VM, MigrationResult, VMError
 
@@ -67,7 +67,7 @@ class PatchedQemu:
 
 def build_script() -> Path:
     """ci/build-qemu of this source tree."""
-    return Path(__file__).resolve().parents[2] / "ci" / "build-qemu"
+    return SOURCE_TREE / "ci" / "build-qemu"
 
 
 @functools.cache
@@ -80,21 +80,10 @@ def build_patched_qemu(timeout: float = BUILD_TIMEOUT) -> PatchedQemu:
     script = build_script()
     log.info("building the patched QEMU with %s", script)
     try:
-        done = subprocess.run(
-            [os.fspath(script)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise PatchedQemuError(f"{script}: still running after {timeout:g} s") from None
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
-        raise PatchedQemuError(f"{script}: exit status {done.returncode}: {tail[0]}")
-    lines = done.stdout.strip().splitlines()
-    qemu = Path(lines[-1]) if lines else None
-    if qemu is None or not os.access(qemu, os.X_OK):
+        qemu = run_for_path([script], timeout)
+    except ScriptError as exc:
+        raise PatchedQemuError(str(exc)) from None
+    if not os.access(qemu, os.X_OK):
         raise PatchedQemuError(f"{script}: printed no executable QEMU path")
     patched = PatchedQemu(qemu=qemu, source=qemu.parent / "src")
     if not patched.analyze_migration.is_file():
