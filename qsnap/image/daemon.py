@@ -101,6 +101,7 @@ class StorageDaemon:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr_path = ""
         self.socket_path = ""
+        self.pid_path = ""
 
     def __enter__(self) -> StorageDaemon:
         try:
@@ -128,12 +129,16 @@ class StorageDaemon:
             "--export",
             f"type=nbd,id=qsnap-export,node-name={FORMAT_NODE},"
             f"name={self.export_name},writable={writable}",
+            # Written once the NBD server listens: the documented readiness signal.
+            "--pidfile",
+            self.pid_path,
         ]
 
     def start(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="qsnap-")
         os.chmod(self._dir, 0o700)
         self.socket_path = os.path.join(self._dir, "nbd.sock")
+        self.pid_path = os.path.join(self._dir, "qsd.pid")
         self._stderr_path = os.path.join(self._dir, "qsd.log")
         argv = self.argv()
         log.debug("starting %s", " ".join(argv))
@@ -150,13 +155,11 @@ class StorageDaemon:
             )
         deadline = time.monotonic() + self.timeout
         delay = 0.001
-        while not os.path.exists(self.socket_path):
+        while not os.path.exists(self.pid_path):
             if self._proc.poll() is not None:
                 raise ImageError(f"cannot open image {self.spec.text!r}: {self.stderr_text()}")
             if time.monotonic() > deadline:
-                raise ImageError(
-                    f"qemu-storage-daemon did not create its socket within {self.timeout:g} s"
-                )
+                raise ImageError(f"qemu-storage-daemon was not ready within {self.timeout:g} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
