@@ -264,7 +264,16 @@ def far_page_that_differs(snaps: LinuxSnapshots, source: Path) -> int:
         for i in range(REGION_PAGES)
         if other_pages[i][1] != pages[i][1] and other_pages[i][0] == pages[i][0]
     ]
-    safe = [i for i in differ if WRITER_MARGIN <= ahead(k, i) <= REGION_PAGES - WRITER_MARGIN]
+    # Away from the writer in both snapshots: the page it was writing when `source` was
+    # taken may be half written there (a snapshot is an instant, mid-memcpy included).
+    k_source = writer_position(other_pages)
+    safe = [
+        i
+        for i in differ
+        if all(
+            WRITER_MARGIN <= ahead(at, i) <= REGION_PAGES - WRITER_MARGIN for at in (k, k_source)
+        )
+    ]
     assert safe, f"no page of {source.name} differs from {snaps.main.name} away from the writer"
     return min(safe, key=lambda i: abs(ahead(k, i) - REGION_PAGES // 2))
 
