@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,11 @@ def snapshot(vms: VMFactory, tmp_path: Path, name: str, rtc_base: str) -> Path:
     bios = write_halt_bios(tmp_path)
     vm = vms(name=name, paused=True, args=["-bios", str(bios), "-rtc", f"base={rtc_base},clock=vm"])
     vm.cont()
+    # Stop only once the CPU has reached its HLT: otherwise CPU state differs between runs.
+    deadline = time.monotonic() + 30
+    while "HLT=1" not in vm.hmp("info registers"):
+        assert time.monotonic() < deadline, "the halting BIOS never halted"
+        time.sleep(0.01)
     vm.stop()
     stream = tmp_path / f"{name}.stream"
     vm.background_snapshot_to_file(stream, timeout=60)
