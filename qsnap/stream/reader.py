@@ -590,20 +590,10 @@ class StreamReader:
                 self._pos = stop
                 yield new_zero(last_name, addr, True)
             elif flags == page or flags == zero:  # noqa: SIM109 - no tuple per record
-                blocks = self._blocks
-                if blocks is None:
-                    self._fail("RAM page before the RAM block list (MEM_SIZE)", self._base + pos)
-                if end - pos < 9:
+                named = self._named_block(buf, pos, end, addr)
+                if named is None:
                     return
-                name_end = pos + 9 + buf[pos + 8]
-                if name_end > end:
-                    return
-                blk = blocks.get(buf[pos + 9 : name_end])
-                if blk is None:
-                    name = decode_name(buf[pos + 9 : name_end])
-                    self._fail(f"RAM block {name!r} is not in the MEM_SIZE list", self._base + pos)
-                if addr >= blk[1]:
-                    self._bad_offset(blk[0], addr, blk[1], pos)
+                blk, name_end = named
                 stop = name_end + (page_size if flags == page else 1)
                 if stop > end:
                     return
@@ -697,20 +687,10 @@ class StreamReader:
                     self._bad_continue(addr, pos)
                 start = pos + 8
             elif flags == page or flags == zero:  # noqa: SIM109
-                blocks = self._blocks
-                if blocks is None:
-                    self._fail("RAM page before the RAM block list (MEM_SIZE)", self._base + pos)
-                if end - pos < 9:
+                named = self._named_block(buf, pos, end, addr)
+                if named is None:
                     break
-                start = pos + 9 + buf[pos + 8]
-                if start > end:
-                    break
-                blk = blocks.get(buf[pos + 9 : start])
-                if blk is None:
-                    text = decode_name(buf[pos + 9 : start])
-                    self._fail(f"RAM block {text!r} is not in the MEM_SIZE list", self._base + pos)
-                if addr >= blk[1]:
-                    self._bad_offset(blk[0], addr, blk[1], pos)
+                blk, start = named
                 if start + (page_size if flags == page else 1) > end:
                     break
                 self._last_block = blk
@@ -749,6 +729,30 @@ class StreamReader:
             yield RamPageRun(name, run_at, tuple(pages))
         elif zeros:
             yield RamZeroRun(name, run_at, zeros)
+
+    def _named_block(
+        self, buf: bytes, pos: int, end: int, addr: int
+    ) -> tuple[tuple[str, int], int] | None:
+        """The block a record without CONTINUE names at ``pos``, and where its name ends.
+
+        None when the name is not all buffered yet; a StreamError for an unknown block or
+        an offset beyond it.
+        """
+        blocks = self._blocks
+        if blocks is None:
+            self._fail("RAM page before the RAM block list (MEM_SIZE)", self._base + pos)
+        if end - pos < 9:
+            return None
+        name_end = pos + 9 + buf[pos + 8]
+        if name_end > end:
+            return None
+        blk = blocks.get(buf[pos + 9 : name_end])
+        if blk is None:
+            name = decode_name(buf[pos + 9 : name_end])
+            self._fail(f"RAM block {name!r} is not in the MEM_SIZE list", self._base + pos)
+        if addr >= blk[1]:
+            self._bad_offset(blk[0], addr, blk[1], pos)
+        return blk, name_end
 
     def _bad_continue(self, addr: int, pos: int) -> NoReturn:
         if self._last_block is None:
