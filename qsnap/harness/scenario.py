@@ -61,6 +61,8 @@ def save_uri(
     if keep_stream is not None:
         command = f"tee {shlex.quote(os.fspath(keep_stream))} | {command}"
     if exit_status is not None:
+        # A status left by an earlier run would be taken for this save's.
+        Path(exit_status).unlink(missing_ok=True)
         final = shlex.quote(os.fspath(exit_status))
         part = shlex.quote(os.fspath(exit_status) + ".part")
         command = f"{command}; echo $? > {part} && mv {part} {final}"
