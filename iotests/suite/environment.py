@@ -132,7 +132,9 @@ class SuiteEnvironment:
         """The full environment of one test, with its own TEST_DIR and SOCK_DIR created.
 
         Separate directories per test, named as QEMU's testrunner names them, keep
-        tests running in parallel apart.
+        tests running in parallel apart. The test's TEST_DIR starts empty: files left by an
+        earlier run (another QEMU's column, an interrupted test) must not be taken for
+        this run's.
         """
         env = dict(os.environ)
         env.update(self.variables)
@@ -141,6 +143,8 @@ class SuiteEnvironment:
         tag = f"{self.variables['IMGFMT']}-{self.variables['IMGPROTO']}-{name}"
         for var, root in (("TEST_DIR", self.test_root), ("SOCK_DIR", self.sock_root)):
             path = root / tag
+            if var == "TEST_DIR":
+                shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True, exist_ok=True)
             env[var] = str(path)
         return env
