@@ -3,6 +3,11 @@
 The client runs in an event loop of its own, on a daemon thread, so that synchronous
 tests can use it next to any other event loop (pytest plugins, other VMs) and so that
 events are collected while the caller is blocked elsewhere. Every call has a timeout.
+
+A refused connection is normal while QEMU starts (it creates the socket before it
+listens), so callers retry `connect`. qemu.qmp logs every failed attempt at ERROR, which
+would land in the golden output of every iotest; `connect` drops those records, because
+the failure itself still surfaces as a `QMPConnectionError` (or `QMPTimeout`).
 """
 
 from __future__ import annotations
@@ -71,12 +76,17 @@ class SyncQMP:
 
     def connect(self, path: str, timeout: float) -> None:
         """Connect to QEMU's QMP unix socket and negotiate capabilities."""
+        library_log = self._client.logger
+        library_log.addFilter(_drop_errors)
         try:
             self._run(self._client.connect(path), timeout, f"QMP connect to {path}")
         except QMPTimeout:
             raise
         except Exception as exc:
+            log.debug("%s: QMP connect to %s failed: %s", self.name, path, exc)
             raise QMPConnectionError(f"QMP connect to {path}: {exc}") from exc
+        finally:
+            library_log.removeFilter(_drop_errors)
         self._pump = asyncio.run_coroutine_threadsafe(self._pump_events(), self._loop)
 
     async def _pump_events(self) -> None:
@@ -146,6 +156,14 @@ class SyncQMP:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+def _drop_errors(record: logging.LogRecord) -> bool:
+    """A logging filter for qemu.qmp during `connect`: its failures are raised instead.
+
+    CRITICAL stays: qemu.qmp uses it for its own bugs.
+    """
+    return record.levelno != logging.ERROR
 
 
 def _contains(data: object, match: Mapping[str, object] | None) -> bool:

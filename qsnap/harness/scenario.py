@@ -7,7 +7,6 @@ drives `exec:qsnap save` / `exec:qsnap revert` through a real QEMU.
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import shutil
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qsnap.harness.guests import PatternGuest
-from qsnap.harness.vm import VM
+from qsnap.harness.vm import FINAL_STATUSES, VM, MigrationStatus, VMError, VMTimeout
 
 
 def qsnap_program() -> str:
@@ -29,16 +28,6 @@ def qsnap_program() -> str:
     if found is None:
         raise FileNotFoundError(f"no qsnap command beside {sys.executable} nor in PATH")
     return found
-
-
-def quiet_qmp_library() -> None:
-    """Keep qemu.qmp's own connection-retry errors out of a test's golden output.
-
-    The harness retries a QMP connection refused while QEMU is still starting to listen;
-    qemu.qmp logs each refused attempt at ERROR, and iotests log WARNING and up into the
-    output that is compared. Real failures still surface as the harness's exceptions.
-    """
-    logging.getLogger("qemu.qmp.protocol").setLevel(logging.CRITICAL)
 
 
 def save_uri(
@@ -78,6 +67,29 @@ def wait_exit_status(path: str | os.PathLike[str], timeout: float) -> int:
             raise TimeoutError(f"{status}: qsnap did not exit within {timeout:g} s")
         time.sleep(0.02)
     return int(status.read_text().strip())
+
+
+def start_throttled_save(vm: VM, uri: str, *, bandwidth: int, started: int, timeout: float) -> None:
+    """Start a background snapshot of `vm` into `uri` and return while it is still running.
+
+    `max-bandwidth` (bytes/s) slows the migration down and the call returns once `started`
+    bytes of RAM went out, so that a failure case (QEMU killed, `migrate_cancel`) can cut
+    the save short in the middle of the RAM, where a real interruption is most likely.
+    """
+    vm.set_migration_capabilities({"background-snapshot": True})
+    vm.set_migration_parameters({"max-bandwidth": bandwidth})
+    vm.migrate(uri)
+    deadline = time.monotonic() + timeout
+    while True:
+        info = vm.query_migrate()
+        if info.get("ram", {}).get("transferred", 0) >= started:
+            return
+        status = MigrationStatus(info.get("status", "none"))
+        if status in FINAL_STATUSES:
+            raise VMError(f"{vm.name}: migration {status.value} before {started} bytes were sent")
+        if time.monotonic() > deadline:
+            raise VMTimeout(f"{vm.name}: fewer than {started} bytes sent within {timeout:g} s")
+        time.sleep(0.05)
 
 
 def revert_uri(image: str | os.PathLike[str], *options: str) -> str:
