@@ -140,6 +140,42 @@ def filter_pids(text: str) -> str:
     return _PID.sub(r"\1PID", text)
 
 
+_STREAM_OFFSET = re.compile(r"\bbyte \d+\b")
+
+
+def filter_stream_offsets(text: str) -> str:
+    """Replace stream positions such as `byte 1234567` by `byte N`.
+
+    For streams cut or failed at a moment that varies (QEMU killed, a full disk): the
+    message must still say where, the golden output must not depend on it.
+    """
+    return _STREAM_OFFSET.sub("byte N", text)
+
+
+_SECTION_ID = re.compile(r"\bsection \d+\b")
+
+
+def filter_section_ids(text: str) -> str:
+    """Replace migration section ids such as `section 2` by `section ID`.
+
+    QEMU numbers sections in the order devices register, which changes between QEMU
+    versions (the RAM section is 1 on QEMU 10.0, 2 on 7.2); the idstr next to it stays.
+    """
+    return _SECTION_ID.sub("section ID", text)
+
+
+_EXTENT = re.compile(r"\b0x[0-9a-fA-F]+\+0x[0-9a-fA-F]+\b")
+
+
+def filter_extents(text: str) -> str:
+    """Replace block extents such as `0x1743000+0x200000` (offset+length) by OFFSET+LENGTH.
+
+    For a block request that failed at a moment that varies (a disk filling up while
+    contiguous pages are coalesced into writes of varying size).
+    """
+    return _EXTENT.sub("OFFSET+LENGTH", text)
+
+
 def filter_common(test_dir: str | os.PathLike[str] | Path | None = None) -> Filter:
     """The usual set for a golden test: test dir, temp paths, times, rates, versions, pids."""
     filters: list[Filter] = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from qsnap.harness import scenario
 from qsnap.harness.guests import PatternGuest
+from qsnap.harness.tmpfs import Tmpfs
 from qsnap.harness.vm import VM
 from qsnap.stream import StreamReader
 from qsnap.stream import records as r
@@ -156,24 +157,17 @@ def test_not_qcow2(stream: bytes, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
+    with Tmpfs(tmp_path / "mnt", size_mib=24) as fs:  # TmpfsError (a failure) without root
+        yield fs
 
 
-def test_read_only_image(stream: bytes, tmpfs: Path) -> None:
+def test_read_only_image(stream: bytes, tmpfs: Tmpfs) -> None:
     """Saving needs write access; info and verify of a saved image do not."""
-    subprocess.run(["mount", "-o", "remount,size=128M", str(tmpfs)], check=True)
-    image = create(tmpfs / "ro.qcow2")
+    tmpfs.remount(size_mib=128)
+    image = create(tmpfs.path / "ro.qcow2")
     assert qsnap("save", str(image), stdin=stream).returncode == 0
-    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    tmpfs.remount(read_only=True)
     assert_failed(
         qsnap("save", str(image), stdin=stream),
         f"cannot open image '{image}': Could not open '{image}': Read-only file system",
@@ -184,8 +178,8 @@ def test_read_only_image(stream: bytes, tmpfs: Path) -> None:
     assert qsnap("verify", str(image)).returncode == 0
 
 
-def test_disk_full(stream: bytes, tmpfs: Path) -> None:
-    image = create(tmpfs / "full.qcow2")
+def test_disk_full(stream: bytes, tmpfs: Tmpfs) -> None:
+    image = create(tmpfs.path / "full.qcow2")
     run = qsnap("save", str(image), stdin=stream)
     assert_failed(run, "NBD WRITE at 0x")
     assert "No space left on device" in run.stderr
@@ -200,23 +194,9 @@ def _throttled_save(tmp_path: Path) -> tuple[VM, Path, Path, Path]:
     vm.wait_console(PatternGuest.MARKER.decode(), timeout=90)
     image = create(tmp_path / "k.qcow2")
     err, rc = tmp_path / "err", tmp_path / "rc"
-    vm.set_migration_capabilities({"background-snapshot": True})
-    vm.set_migration_parameters({"max-bandwidth": 8 << 20})
-    q = shlex.quote
-    vm.migrate(f"exec:{q(QSNAP)} save {q(str(image))} 2>{q(str(err))}; echo $? >{q(str(rc))}")
-    deadline = time.monotonic() + 30
-    while vm.query_migrate().get("ram", {}).get("transferred", 0) < 2 << 20:
-        assert time.monotonic() < deadline, "migration did not start"
-        time.sleep(0.05)
+    uri = scenario.save_uri(image, exit_status=rc, stderr=err)
+    scenario.start_throttled_save(vm, uri, bandwidth=8 << 20, started=2 << 20, timeout=30)
     return vm, image, err, rc
-
-
-def _wait_status(rc: Path, timeout: float = 30) -> int:
-    deadline = time.monotonic() + timeout
-    while not (rc.exists() and rc.read_text().strip()):
-        assert time.monotonic() < deadline, "qsnap save did not exit"
-        time.sleep(0.05)
-    return int(rc.read_text())
 
 
 def test_qemu_killed_mid_migration(tmp_path: Path) -> None:
@@ -225,7 +205,7 @@ def test_qemu_killed_mid_migration(tmp_path: Path) -> None:
         pid = vm.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        assert _wait_status(rc) == 1
+        assert scenario.wait_exit_status(rc, 30) == 1
     finally:
         vm.shutdown()
     text = err.read_text()
@@ -238,7 +218,7 @@ def test_migrate_cancel(tmp_path: Path) -> None:
     vm, image, err, rc = _throttled_save(tmp_path)
     try:
         vm.command("migrate_cancel")
-        assert _wait_status(rc) == 1
+        assert scenario.wait_exit_status(rc, 30) == 1
         assert vm.wait_migration(30).status.value == "cancelled"
     finally:
         vm.shutdown()

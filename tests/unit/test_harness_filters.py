@@ -12,9 +12,12 @@ from qsnap.harness.filters import (
     filter_byte_counts,
     filter_common,
     filter_durations,
+    filter_extents,
     filter_pids,
     filter_qemu_version,
     filter_rates,
+    filter_section_ids,
+    filter_stream_offsets,
     filter_test_dir,
     filter_timestamps,
     filter_tmp_paths,
@@ -138,3 +141,38 @@ def test_common_set_on_a_realistic_log() -> None:
         "TIMESTAMP qsnap save TEST_DIR/snap.qcow2: 512 MiB in DURATION "
         "(RATE), QEMU emulator version VERSION, socket TMP_PATH\n"
     )
+
+
+@given(st.integers(0, 2**64), st.sampled_from(["section 1 (ram)", "the device state"]))
+def test_stream_offsets(offset: int, where: str) -> None:
+    line = f"qsnap save: error: byte {offset}: stream truncated inside {where}"
+    assert (
+        filter_stream_offsets(line) == f"qsnap save: error: byte N: stream truncated inside {where}"
+    )
+
+
+def test_stream_offsets_leave_counts_and_other_words_alone() -> None:
+    text = "115802 bytes of device state, kilobyte 5, byte0"
+    assert filter_stream_offsets(text) == text
+
+
+@given(st.integers(0, 2**64), st.integers(1, 2**32))
+def test_extents(offset: int, length: int) -> None:
+    line = f"NBD WRITE at {offset:#x}+{length:#x}: No space left on device"
+    assert filter_extents(line) == "NBD WRITE at OFFSET+LENGTH: No space left on device"
+
+
+def test_extents_leave_single_hex_values_alone() -> None:
+    text = "RAM block 'pc.ram' length 0x1000000 exceeds the 0x862000 bytes left, 0x10 + 0x20"
+    assert filter_extents(text) == text
+
+
+@given(st.integers(0, 2**32))
+def test_section_ids(section_id: int) -> None:
+    line = f"stream truncated inside section {section_id} (ram)"
+    assert filter_section_ids(line) == "stream truncated inside section ID (ram)"
+
+
+def test_section_ids_leave_other_numbers_alone() -> None:
+    text = "5 sections, subsection 3, section_id 4"
+    assert filter_section_ids(text) == text
