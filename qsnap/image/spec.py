@@ -23,6 +23,10 @@ IMPLIED_KEY = "file.filename"
 DEFAULT_DRIVER = "qcow2"
 DEFAULT_PROTOCOL = "file"
 
+# What a node passes on to its protocol child when QEMU opens both (-drive, or a
+# nested "file" object); separate --blockdev nodes inherit nothing, so the seed's
+# ``IMG,cache.direct=on,file.aio=native`` needs them copied.
+INHERITED = ("cache.direct", "cache.no-flush")
 _KEY_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 _JSON_PREFIX = "json:"
 
@@ -74,6 +78,9 @@ class BlockdevSpec:
             if "file" in fmt:
                 raise SpecError(f"spec {self.text!r}: 'file' given both as a node and as options")
             proto.setdefault("driver", DEFAULT_PROTOCOL)
+            for key in INHERITED:
+                if key in fmt:
+                    proto.setdefault(key, fmt[key])
             proto["node-name"] = PROTOCOL_NODE
             if read_only:
                 proto["read-only"] = "on"

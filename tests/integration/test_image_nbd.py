@@ -87,6 +87,35 @@ def test_read_only_export_surfaces_the_server_error(tmp_path: Path) -> None:
         assert c.read(0, 4096) == bytes(4096)
 
 
+def _open_flags(pid: int, path: Path) -> int:
+    """The open(2) flags of ``pid``'s descriptor for ``path`` (from /proc/PID/fdinfo)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                for line in info:
+                    if line.startswith("flags:"):
+                        return int(line.split()[1], 8)
+    raise AssertionError(f"{path} is not open in process {pid}")
+
+
+def test_seed_spec_opens_the_file_with_o_direct(tmp_path: Path) -> None:
+    """The seed's example spec works, and cache.direct=on really reaches the file."""
+    path = qcow2(tmp_path / "d.qcow2", 8 * MiB)
+    data = os.urandom(MiB)
+    with StorageDaemon(parse_spec(f"{path},cache.direct=on,file.aio=native"), writable=True) as d:
+        assert d.pid is not None
+        assert _open_flags(d.pid, path) & os.O_DIRECT
+        with NbdClient.connect(d.socket_path, "qsnap") as c:
+            c.write(2 * MiB, data)
+            c.flush()
+            assert c.read(2 * MiB, MiB) == data
+    with StorageDaemon(parse_spec(str(path)), writable=False) as d:
+        assert d.pid is not None
+        assert not _open_flags(d.pid, path) & os.O_DIRECT
+        with NbdClient.connect(d.socket_path, "qsnap") as c:
+            assert c.read(2 * MiB, MiB) == data
+
+
 def test_daemon_error_reaches_the_user_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "nope.qcow2"
     with pytest.raises(ImageError) as info, StorageDaemon(parse_spec(str(missing)), writable=True):
