@@ -57,6 +57,7 @@ class SaveResult:
     stream_bytes: int
     seconds: float
     stats: WriteStats
+    stream_seconds: float = 0.0  # until the end of the stream: what the source waited for
 
     def summary(self) -> dict[str, object]:
         own = resource.getrusage(resource.RUSAGE_SELF)
@@ -67,6 +68,7 @@ class SaveResult:
             "machine_type": self.header.machine_type,
             "stream_bytes": self.stream_bytes,
             "seconds": round(self.seconds, 3),
+            "stream_seconds": round(self.stream_seconds, 3),
             "mib_per_s": round(self.stream_bytes / (1 << 20) / max(self.seconds, 1e-9), 1),
             "data_pages": self.stats.data_pages,
             "zero_pages": self.stats.zero_pages,
@@ -330,13 +332,15 @@ def save(
                 saver.feed(data)
                 ticker.tick(total, writer.stats)
             saver.close()
+            stream_end = time.monotonic()
             header = writer.finish(saver.device_sections_length)
         except NbdError as exc:
             detail = image.daemon_error()
             if detail:
                 raise ImageError(f"{exc} ({detail})") from exc
             raise
-    return SaveResult(header, total, time.monotonic() - start, writer.stats)
+    end = time.monotonic()
+    return SaveResult(header, total, end - start, writer.stats, stream_end - start)
 
 
 def report(result: SaveResult, *, as_json: bool, out: TextIO) -> None:
