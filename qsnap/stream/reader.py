@@ -130,6 +130,25 @@ def _type_name(byte: int) -> str:
         return f"{byte:#04x}"
 
 
+_BRIDGE = 16 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class _Bridge:
+    """A small buffer standing in for the start of a large fed chunk.
+
+    An element cut by the end of a chunk (a RAM page, mostly: nearly every read ends
+    inside one) used to be completed by joining its first part with the whole next
+    chunk: a copy of the entire stream.  Instead it is completed in ``lead`` carried
+    bytes + ``chunk[:cut]``; once the parser is past the carried bytes it continues in
+    ``chunk`` itself.
+    """
+
+    chunk: bytes
+    cut: int
+    lead: int
+
+
 class StreamReader:
     """Incremental reader of one migration stream (see the module docstring).
 
@@ -149,6 +168,7 @@ class StreamReader:
         self._buf = b""
         self._pos = 0
         self._base = 0
+        self._bridged: _Bridge | None = None
         self._state = _TOP if self.options.packaged else _HEADER
         self._section_id = 0
         self._ignore_shared = bool(self.options.ignore_shared)
@@ -170,7 +190,8 @@ class StreamReader:
     @property
     def buffered(self) -> int:
         """Bytes fed but not yet returned as records (bounded: see the module)."""
-        return len(self._buf) - self._pos + sum(len(c) for c in self._raw_pending)
+        tail = len(self._bridged.chunk) - self._bridged.cut if self._bridged is not None else 0
+        return len(self._buf) - self._pos + tail + sum(len(c) for c in self._raw_pending)
 
     @property
     def raw(self) -> bool:
@@ -183,6 +204,7 @@ class StreamReader:
             raise ValueError("feed() after close()")
         if not data:
             return
+        self._unbridge()
         if self._state is _RAW:
             self._raw_pending.append(bytes(data))
         elif self._pos >= len(self._buf):
@@ -190,8 +212,35 @@ class StreamReader:
             self._buf = bytes(data)
             self._pos = 0
         else:
+            lead = len(self._buf) - self._pos
             self._base += self._pos
-            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+            if lead <= _BRIDGE < len(data) // 4:
+                chunk = bytes(data)
+                self._buf = self._buf[-lead:] + chunk[:_BRIDGE]
+                self._bridged = _Bridge(chunk, _BRIDGE, lead)
+            else:
+                self._buf = self._buf[-lead:] + data
+
+    def _unbridge(self, pos: int | None = None) -> None:
+        """Leave the bridge (see :class:`_Bridge`): continue in its chunk at ``pos``.
+
+        ``pos`` (default: the parse position) is a position in the bridge; once past the
+        bytes carried over, it lies in the chunk itself, which becomes the buffer as fed
+        (no copy).  Before that (an element longer than the bridge), they are joined.
+        """
+        bridge = self._bridged
+        if bridge is None:
+            return
+        self._bridged = None
+        pos = self._pos if pos is None else pos
+        if pos >= bridge.lead:
+            self._base += bridge.lead
+            self._buf = bridge.chunk
+            self._pos = pos - bridge.lead
+        else:
+            self._base += pos
+            self._buf = self._buf[pos:] + bridge.chunk[bridge.cut :]
             self._pos = 0
 
     def records(self) -> Iterator[r.Record]:
@@ -227,14 +276,19 @@ class StreamReader:
             if state is _RAM:
                 yield self._ram_runs() if batched else self._ram_records()
                 if self._state is _RAM:
-                    return
+                    if self._bridged is None:
+                        return
+                    self._unbridge()
             elif state is _RAW:
                 yield self._raw_records()
                 return
             else:
                 rec = self._step()
                 if rec is None:
-                    return
+                    if self._bridged is None:
+                        return
+                    self._unbridge()
+                    continue
                 yield (rec,)
 
     def close(self) -> None:
@@ -248,6 +302,7 @@ class StreamReader:
             self._closed = True
             # Records not drained yet stay available to records().
             self._leftover.extend(cast(Iterator[r.Record], chain.from_iterable(self._segments())))
+        self._unbridge()
         end = self._base + len(self._buf)
         state = self._state
         if state is _RAW:
@@ -478,6 +533,7 @@ class StreamReader:
         log.debug("device state begins at byte %d with %r", at, idstr)
         self._state = _RAW
         self._tail = DeviceStateEndTracker(at)
+        self._unbridge(at - self._base)
         rest = self._buf[at - self._base :]
         self._base = at + len(rest)
         self._buf = b""
