@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType, ModuleType
 
+from qsnap.read_ahead import ReadAhead
+
 # qsnap's modules are imported by the subcommands that use them: QEMU starts
 # ``qsnap revert`` for every revert, and its start-up is part of the revert's time.
 
@@ -105,6 +107,7 @@ def _run_save(args: argparse.Namespace) -> int:
     prog = "qsnap save"
     if os.isatty(0):
         return _fail(prog, "stdin is a terminal: pipe a migration stream into it (exec:)")
+    ahead: ReadAhead | None = args.read_ahead
     try:
         result = save(
             parse_spec(args.image),
@@ -112,9 +115,13 @@ def _run_save(args: argparse.Namespace) -> int:
             page_size=args.page_size,
             progress=sys.stderr if args.progress else None,
             timeout=args.timeout,
+            ahead=ahead,
         )
     except (StreamError, ImageError, SaveError, OSError) as exc:
         return _fail(prog, exc)
+    finally:
+        if ahead is not None:
+            ahead.stop()
     report(result, as_json=args.json, out=sys.stderr)
     return 0
 
@@ -252,8 +259,12 @@ def _plugin_exists(module: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    ahead = None
+    if command == "save" and not os.isatty(0) and not {"-h", "--help"} & set(argv):
+        ahead = ReadAhead.start(0)  # before the imports below: QEMU is already writing
     parser = build_parser(command if command in BUILTIN or command in PLUGINS else None)
     args = parser.parse_args(argv)
+    args.read_ahead = ahead
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format=f"qsnap {args.command}: %(message)s")
     install_signal_handlers()

@@ -11,14 +11,12 @@ is streamed to the device-state region.  Nothing is ever written to stdout: unde
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import logging
 import os
 import platform
 import resource
 import select
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from qsnap.image.layout import BlockEntry, Header, pass_names
 from qsnap.image.snapshot import SnapshotImage, describe_incomplete
 from qsnap.image.spec import BlockdevSpec
 from qsnap.image.writer import ImageWriter, RamSetup, StreamPrologue, WriteStats
+from qsnap.read_ahead import ReadAhead, grow_pipe
 from qsnap.stream import StreamError, StreamOptions, StreamReader
 from qsnap.stream import records as r
 from qsnap.stream.constants import RAM_IDSTR
@@ -266,24 +265,38 @@ def _keep_buffers_mapped() -> None:
         log.debug("mallopt: %s", exc)
 
 
-def _stdin_reader(timeout: float) -> Callable[[int], bytes]:
+def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[int], bytes]:
     """Reads of stdin, each waiting at most ``timeout`` s for data.
 
-    Read in this thread, not ahead in another one: a read-ahead thread took the stream
-    in the pieces QEMU writes (tens of KiB) and paid a GIL hand-off per piece, which cost
-    more CPU than it saved waiting.  After a small read it pauses a moment instead, so
-    that the 1 MiB pipe fills and reads stay large (1 ms is a few hundred KiB of stream,
-    well under what the pipe holds, so QEMU is not held up by the pause).
+    The first read takes what ``ahead`` read during start-up.  After that, stdin is read
+    in this thread, not ahead in another one: a read-ahead thread took the stream in the
+    pieces QEMU writes (tens of KiB) and paid a GIL hand-off per piece, which cost more
+    CPU than it saved waiting.  After a small read it pauses a moment instead, so that
+    the 1 MiB pipe fills and reads stay large (1 ms is a few hundred KiB of stream, well
+    under what the pipe holds, so QEMU is not held up by the pause).
     """
     _keep_buffers_mapped()
-    fd = sys.stdin.fileno()
-    _grow_pipe(fd)
+    fd = sys.stdin.fileno() if ahead is None else ahead.fd
+    if ahead is None:
+        grow_pipe(fd)
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     received = 0
+    early: list[bytes] = []
+    ended = False
 
     def read(n: int) -> bytes:
-        nonlocal received
+        nonlocal received, ahead, early, ended
+        if ahead is not None:
+            early, ended = ahead.take()
+            early.reverse()
+            ahead = None
+        if early:
+            data = early.pop()
+            received += len(data)
+            return data
+        if ended:
+            return b""
         if not poller.poll(timeout * 1000):
             raise StalledStream(f"byte {received}: no stream data for {timeout:g} s")
         data = os.read(fd, n)
@@ -295,15 +308,6 @@ def _stdin_reader(timeout: float) -> Callable[[int], bytes]:
     return read
 
 
-def _grow_pipe(fd: int) -> None:
-    """A 1 MiB pipe buffer: fewer, larger reads than the default 64 KiB."""
-    try:
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, READ_SIZE)
-    except OSError as exc:
-        log.debug("cannot grow the stdin pipe: %s", exc)
-
-
 def save(
     spec: BlockdevSpec,
     *,
@@ -312,13 +316,15 @@ def save(
     page_size: int = 4096,
     progress: TextIO | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    ahead: ReadAhead | None = None,
 ) -> SaveResult:
     """Save the stream ``read`` returns (stdin by default) into the image at ``spec``.
 
     ``timeout``: longest wait for stream data on stdin (a stalled source is an error).
+    ``ahead``: what was reading stdin while qsnap started (taken over at the first read).
     """
     if read is None:
-        read = _stdin_reader(timeout)
+        read = _stdin_reader(timeout, ahead)
 
     start = time.monotonic()
     ticker = _Progress(progress)

@@ -1,0 +1,105 @@
+"""ReadAhead: stdin read while qsnap starts, handed over in order, bounded, on real pipes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qsnap.read_ahead import ReadAhead
+from qsnap.save import StalledStream, _stdin_reader
+
+
+@contextmanager
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        for fd in (r, w):
+            with suppress(OSError):
+                os.close(fd)
+
+
+def writer(fd: int, data: bytes, close: bool) -> threading.Thread:
+    def run() -> None:
+        _write_all(fd, data)
+        if close:
+            os.close(fd)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def wait_for(ahead: ReadAhead, size: int) -> None:
+    deadline = time.monotonic() + 10
+    while ahead._size < size and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.binary(min_size=1, max_size=3 << 20), st.integers(1 << 16, 4 << 20))
+def test_hands_over_a_prefix_then_the_reader_goes_on(data: bytes, limit: int) -> None:
+    with pipe() as (r, w):
+        ahead = ReadAhead.start(r, limit=limit)
+        t = writer(w, data, close=True)
+        wait_for(ahead, min(limit, len(data)))
+        read = _stdin_reader(5.0, ahead)
+        got = b""
+        while chunk := read(1 << 20):
+            got += chunk
+        t.join(10)
+        assert got == data
+        assert ahead._size <= limit
+
+
+def test_stops_at_the_limit_and_reports_no_end() -> None:
+    with pipe() as (r, w):
+        ahead = ReadAhead.start(r, limit=100_000)
+        writer(w, bytes(range(256)) * 1024, close=False)  # 256 KiB, pipe left open
+        wait_for(ahead, 100_000)
+        time.sleep(0.05)
+        chunks, ended = ahead.take()
+        assert b"".join(chunks) == (bytes(range(256)) * 1024)[:100_000]
+        assert not ended
+
+
+def test_end_of_input_during_start_up() -> None:
+    with pipe() as (r, w):
+        ahead = ReadAhead.start(r)
+        writer(w, b"QEVM", close=True)
+        ahead._thread.join(10)
+        read = _stdin_reader(5.0, ahead)
+        assert read(10) == b"QEVM"
+        assert read(10) == b""
+
+
+def test_a_stalled_source_still_times_out_after_the_hand_over() -> None:
+    with pipe() as (r, w):
+        ahead = ReadAhead.start(r)
+        writer(w, b"x" * 1000, close=False)
+        wait_for(ahead, 1000)
+        read = _stdin_reader(0.2, ahead)
+        assert read(1 << 20) == b"x" * 1000
+        with pytest.raises(StalledStream, match=r"^byte 1000: no stream data for 0.2 s"):
+            read(1 << 20)
+
+
+def test_a_read_error_is_raised_at_the_hand_over() -> None:
+    ahead = ReadAhead.start(os.open("/", os.O_RDONLY | os.O_DIRECTORY))
+    ahead._thread.join(10)
+    with pytest.raises(IsADirectoryError):
+        ahead.take()
