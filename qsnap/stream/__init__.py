@@ -1,23 +1,29 @@
 """Layer 1: QEMU's migration stream and return path, sans-I/O (see docs/architecture.md)."""
 
-from .constants import (
-    QEVM_MAGIC,
-    QEVM_VERSION,
-    MigCommand,
-    RamFlag,
-    ReturnPathType,
-    SectionType,
-)
-from .device_tail import DeviceStateEnd, DeviceStateEndTracker, split_device_state_tail
-from .errors import StreamError
-from .options import StreamOptions
-from .reader import StreamReader
-from .return_path import (
-    ReturnPathMessage,
-    ReturnPathReader,
-    encode_message,
-)
-from .writer import RamEncoder, encode, encode_footer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .constants import (
+        QEVM_MAGIC,
+        QEVM_VERSION,
+        MigCommand,
+        RamFlag,
+        ReturnPathType,
+        SectionType,
+    )
+    from .device_tail import DeviceStateEnd, DeviceStateEndTracker, split_device_state_tail
+    from .errors import StreamError
+    from .options import StreamOptions
+    from .reader import StreamReader
+    from .return_path import (
+        ReturnPathMessage,
+        ReturnPathReader,
+        encode_message,
+    )
+    from .writer import RamEncoder, encode, encode_footer
 
 __all__ = [
     "QEVM_MAGIC",
@@ -39,3 +45,39 @@ __all__ = [
     "encode_message",
     "split_device_state_tail",
 ]
+
+# name -> submodule; loaded on first use (see __getattr__)
+_EXPORTS = {
+    "DeviceStateEnd": "device_tail",
+    "DeviceStateEndTracker": "device_tail",
+    "MigCommand": "constants",
+    "QEVM_MAGIC": "constants",
+    "QEVM_VERSION": "constants",
+    "RamEncoder": "writer",
+    "RamFlag": "constants",
+    "ReturnPathMessage": "return_path",
+    "ReturnPathReader": "return_path",
+    "ReturnPathType": "constants",
+    "SectionType": "constants",
+    "StreamError": "errors",
+    "StreamOptions": "options",
+    "StreamReader": "reader",
+    "encode": "writer",
+    "encode_footer": "writer",
+    "encode_message": "return_path",
+    "split_device_state_tail": "device_tail",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Load a re-exported name's module on first use, not with the package.
+
+    QEMU starts a qsnap process for every save and revert, and its start-up is part of
+    their time: ``qsnap revert`` should not import the stream reader or the image writer.
+    """
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
