@@ -24,7 +24,7 @@ def test_every_exported_name_is_its_submodule_object(package: str) -> None:
 @pytest.mark.parametrize("package", PACKAGES)
 def test_unknown_names_are_attribute_errors(package: str) -> None:
     with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
-        importlib.import_module(package).nothing_here
+        _ = importlib.import_module(package).nothing_here
 
 
 def test_revert_does_not_load_the_save_side() -> None:
