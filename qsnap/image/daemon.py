@@ -157,7 +157,7 @@ class StorageDaemon:
         delay = 0.001
         while not os.path.exists(self.pid_path):
             if self._proc.poll() is not None:
-                raise ImageError(f"cannot open image {self.spec.text!r}: {self.stderr_text()}")
+                raise ImageError(f"cannot open image {self.spec.text!r}: {self.death(grace=0)}")
             if time.monotonic() > deadline:
                 raise ImageError(f"qemu-storage-daemon was not ready within {self.timeout:g} s")
             time.sleep(delay)
