@@ -5,8 +5,9 @@ Only :mod:`qsnap.image.layout` knows the format; the other modules move bytes.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from qsnap.lazy_exports import lazy_getattr
 
 if TYPE_CHECKING:
     from qsnap.image.errors import (
@@ -36,7 +37,7 @@ __all__ = [
     "parse_spec",
 ]
 
-# name -> submodule; loaded on first use (see __getattr__)
+# name -> submodule, loaded on first use (see qsnap.lazy_exports)
 _EXPORTS = {
     "BlockEntry": "layout",
     "BlockdevSpec": "spec",
@@ -54,15 +55,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> object:
-    """Load a re-exported name's module on first use, not with the package.
-
-    QEMU starts a qsnap process for every save and revert, and its start-up is part of
-    their time: ``qsnap revert`` should not import the stream reader or the image writer.
-    """
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from qsnap.lazy_exports import lazy_getattr
 
 if TYPE_CHECKING:
     from .constants import (
@@ -46,7 +47,7 @@ __all__ = [
     "split_device_state_tail",
 ]
 
-# name -> submodule; loaded on first use (see __getattr__)
+# name -> submodule, loaded on first use (see qsnap.lazy_exports)
 _EXPORTS = {
     "DeviceStateEnd": "device_tail",
     "DeviceStateEndTracker": "device_tail",
@@ -69,15 +70,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> object:
-    """Load a re-exported name's module on first use, not with the package.
-
-    QEMU starts a qsnap process for every save and revert, and its start-up is part of
-    their time: ``qsnap revert`` should not import the stream reader or the image writer.
-    """
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
