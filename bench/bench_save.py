@@ -120,9 +120,9 @@ def main() -> int:
         print(f"non-zero RAM           {nonzero / MiB:.1f} MiB")
         print(f"image host file        {host / MiB:.1f} MiB  ({host / max(nonzero, 1):.3f} x)")
         print(f"qsnap peak RSS         {summary['peak_rss_kib'] / 1024:.1f} MiB")
-        flush = summary["seconds"] - summary["stream_seconds"]
+        finish = summary["seconds"] - summary["stream_seconds"]
         print(f"qsnap phases (last)    stream {summary['stream_seconds']:.2f} s from image open, "
-              f"then final flush {flush:.2f} s")  # fmt: skip
+              f"then digests, flush and header {finish:.2f} s")  # fmt: skip
         gib = summary["stream_bytes"] / (1 << 30)
         print(f"qsnap CPU              {summary['cpu_seconds'] / gib:.2f} s per GiB of stream")
         print(f"storage daemon CPU     {summary['daemon_cpu_seconds'] / gib:.2f} s per GiB")

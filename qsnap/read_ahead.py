@@ -13,10 +13,13 @@ Only the standard library is imported here: this runs before the rest of qsnap l
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import select
 import stat
 import threading
+
+log = logging.getLogger(__name__)
 
 PIPE_SIZE = 1 << 20
 LIMIT = 32 << 20
@@ -24,15 +27,13 @@ READ_SIZE = 1 << 20
 POLL_MS = 5
 
 
-def grow_pipe(fd: int) -> bool:
+def grow_pipe(fd: int) -> None:
     """A 1 MiB pipe buffer (the most an unprivileged process may set by default)."""
     try:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            return True
-    except OSError:
-        pass
-    return False
+    except OSError as exc:
+        log.debug("cannot grow the stdin pipe: %s", exc)
 
 
 class ReadAhead:

@@ -276,9 +276,11 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
     under what the pipe holds, so QEMU is not held up by the pause).
     """
     _keep_buffers_mapped()
-    fd = sys.stdin.fileno() if ahead is None else ahead.fd
     if ahead is None:
+        fd = sys.stdin.fileno()
         grow_pipe(fd)
+    else:
+        fd = ahead.fd  # grown when it started
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     received = 0

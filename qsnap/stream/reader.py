@@ -222,16 +222,17 @@ class StreamReader:
             else:
                 self._buf = self._buf[-lead:] + data
 
-    def _unbridge(self, pos: int | None = None) -> None:
+    def _unbridge(self, pos: int | None = None) -> bool:
         """Leave the bridge (see :class:`_Bridge`): continue in its chunk at ``pos``.
 
         ``pos`` (default: the parse position) is a position in the bridge; once past the
         bytes carried over, it lies in the chunk itself, which becomes the buffer as fed
         (no copy).  Before that (an element longer than the bridge), they are joined.
+        Returns whether there was a bridge, i.e. whether more input became parseable.
         """
         bridge = self._bridged
         if bridge is None:
-            return
+            return False
         self._bridged = None
         pos = self._pos if pos is None else pos
         if pos >= bridge.lead:
@@ -242,6 +243,7 @@ class StreamReader:
             self._base += pos
             self._buf = self._buf[pos:] + bridge.chunk[bridge.cut :]
             self._pos = 0
+        return True
 
     def records(self) -> Iterator[r.Record]:
         """Iterate over every record complete in the bytes fed so far."""
@@ -275,19 +277,16 @@ class StreamReader:
             state = self._state
             if state is _RAM:
                 yield self._ram_runs() if batched else self._ram_records()
-                if self._state is _RAM:
-                    if self._bridged is None:
-                        return
-                    self._unbridge()
+                if self._state is _RAM and not self._unbridge():
+                    return
             elif state is _RAW:
                 yield self._raw_records()
                 return
             else:
                 rec = self._step()
                 if rec is None:
-                    if self._bridged is None:
+                    if not self._unbridge():
                         return
-                    self._unbridge()
                     continue
                 yield (rec,)
 
