@@ -1,6 +1,8 @@
 """A private qemu-storage-daemon exporting one blockdev over NBD on a unix socket.
 
-qsnap never parses qcow2 itself: QEMU's block layer does, in this child process.  The
+For bulk reads the same node can also be exported read-only as vhost-user-blk, on a
+second socket (see :mod:`qsnap.image.vhost_blk`).  qsnap never parses qcow2 itself:
+QEMU's block layer does, in this child process.  The
 socket lives in a fresh 0700 directory so no other user can reach the export.  The daemon
 dies with qsnap (PR_SET_PDEATHSIG) even if qsnap is killed with SIGKILL, and runs in its
 own session so a terminal's Ctrl-C reaches only qsnap, which then shuts it down cleanly.
@@ -92,15 +94,25 @@ class StorageDaemon:
     ``socket_path`` and ``export_name`` are what :class:`qsnap.image.nbd.NbdClient` needs.
     """
 
-    def __init__(self, spec: BlockdevSpec, *, writable: bool, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        spec: BlockdevSpec,
+        *,
+        writable: bool,
+        timeout: float = 30.0,
+        vhost_user: bool = False,
+    ) -> None:
+        """``vhost_user``: also export the image read-only as vhost-user-blk (bulk reads)."""
         self.spec = spec
         self.writable = writable
+        self.vhost_user = vhost_user
         self.timeout = timeout
         self.export_name = EXPORT_NAME
         self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr_path = ""
         self.socket_path = ""
+        self.vhost_user_path = ""
         self.pid_path = ""
 
     def __enter__(self) -> StorageDaemon:
@@ -121,6 +133,11 @@ class StorageDaemon:
 
     def argv(self) -> list[str]:
         writable = "on" if self.writable else "off"
+        vhost_user = [
+            "--export",
+            f"type=vhost-user-blk,id=qsnap-vhost-user,node-name={FORMAT_NODE},writable=off,"
+            f"addr.type=unix,addr.path={self.vhost_user_path.replace(',', ',,')}",
+        ]
         return [
             qsd_binary(),
             *self.spec.qsd_blockdev_args(read_only=not self.writable),
@@ -129,6 +146,7 @@ class StorageDaemon:
             "--export",
             f"type=nbd,id=qsnap-export,node-name={FORMAT_NODE},"
             f"name={self.export_name},writable={writable}",
+            *(vhost_user if self.vhost_user else []),
             # Written once the NBD server listens: the documented readiness signal.
             "--pidfile",
             self.pid_path,
@@ -138,6 +156,7 @@ class StorageDaemon:
         self._dir = tempfile.mkdtemp(prefix="qsnap-")
         os.chmod(self._dir, 0o700)
         self.socket_path = os.path.join(self._dir, "nbd.sock")
+        self.vhost_user_path = os.path.join(self._dir, "vhost-user.sock")
         self.pid_path = os.path.join(self._dir, "qsd.pid")
         self._stderr_path = os.path.join(self._dir, "qsd.log")
         argv = self.argv()

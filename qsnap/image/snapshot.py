@@ -1,15 +1,18 @@
 """``SnapshotImage``: an open image (daemon + NBD) with page-addressed reads.
 
 This is the API ``qsnap revert`` and ``qsnap verify`` read through; the save side lives in
-:mod:`qsnap.image.writer` and uses the same object for its I/O.
+:mod:`qsnap.image.writer` and uses the same object for its I/O.  Opened with
+``shared_reads``, the daemon also exports the image over vhost-user-blk and
+:meth:`SnapshotImage.read_spans` reads page data into memory shared with it.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -18,7 +21,10 @@ from qsnap.image.daemon import StorageDaemon
 from qsnap.image.errors import ImageError, IncompleteImage, NbdError, NotAnImage
 from qsnap.image.layout import BlockEntry, Header
 from qsnap.image.nbd import AllocFlag, NbdClient
+from qsnap.image.span import Span
 from qsnap.image.spec import BlockdevSpec, parse_spec
+from qsnap.image.vhost_blk import VhostBlkReader
+from qsnap.image.virtqueue import ORDERED_HOST
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +70,62 @@ class SnapshotImage:
     raises :class:`NotAnImage`), :meth:`complete_header` also refuses an unfinished save.
     """
 
-    def __init__(self, spec: BlockdevSpec, *, writable: bool, window: int = 8) -> None:
+    def __init__(
+        self, spec: BlockdevSpec, *, writable: bool, window: int = 8, shared_reads: bool = False
+    ) -> None:
         self.spec = spec
         self.writable = writable
-        self._daemon = StorageDaemon(spec, writable=writable)
+        shared = shared_reads and not writable and ORDERED_HOST
+        self._daemon = StorageDaemon(spec, writable=writable, vhost_user=shared)
         self._window = window
         self._client: NbdClient | None = None
+        self._shared: VhostBlkReader | None = None
         self._header: Header | None = None
 
     @classmethod
     def open(
-        cls, spec: BlockdevSpec | str, *, writable: bool = False, window: int = 8
+        cls,
+        spec: BlockdevSpec | str,
+        *,
+        writable: bool = False,
+        window: int = 8,
+        shared_reads: bool = False,
     ) -> SnapshotImage:
-        """Start the daemon and connect; use the result as a context manager."""
+        """Start the daemon and connect; use the result as a context manager.
+
+        ``shared_reads`` (read-only images): serve :meth:`read_spans` through a
+        vhost-user-blk export where the daemon and the host allow it, else over NBD.
+        """
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
-        image = cls(parsed, writable=writable, window=window)
+        image = cls(parsed, writable=writable, window=window, shared_reads=shared_reads)
         try:
-            image._daemon.start()
-            image._client = image._connect()
+            image._start()
         except BaseException:
-            image._daemon.stop()
+            image.close(graceful=False)
             raise
         return image
+
+    def _start(self) -> None:
+        try:
+            self._daemon.start()
+        except ImageError as exc:
+            if not self._daemon.vhost_user or "vhost" not in str(exc):
+                raise
+            log.debug("no vhost-user-blk export (%s): reading over NBD only", exc)
+            self._daemon.stop()
+            self._daemon = StorageDaemon(self.spec, writable=self.writable)
+            self._daemon.start()
+        self._client = self._connect()
+        if self._daemon.vhost_user:
+            try:
+                self._shared = VhostBlkReader.open(
+                    self._daemon.vhost_user_path,
+                    depth=self._window,
+                    timeout=self._daemon.timeout,
+                    death=self._daemon.death,
+                )
+            except (ImageError, OSError) as exc:
+                log.debug("vhost-user-blk reads unavailable (%s): reading over NBD", exc)
 
     def _connect(self) -> NbdClient:
         """Connect; the socket file can exist a moment before the daemon listens on it."""
@@ -116,7 +156,10 @@ class SnapshotImage:
 
     def close(self, *, graceful: bool = True) -> None:
         client, self._client = self._client, None
+        shared, self._shared = self._shared, None
         try:
+            if shared is not None:
+                shared.close()
             if client is not None:
                 client.close(graceful=graceful)
         finally:
@@ -192,6 +235,30 @@ class SnapshotImage:
 
     def read(self, block: BlockEntry | str, offset: int, length: int) -> bytearray:
         return self.wait_read(self.submit_read(block, offset, length))
+
+    @property
+    def shares_memory(self) -> bool:
+        """Whether :meth:`read_spans` reads into memory shared with the daemon."""
+        return self._shared is not None
+
+    def read_spans(self, requests: Iterable[tuple[BlockEntry | str, int, int]]) -> Iterator[Span]:
+        """The data of each (block, offset, length) in order, several reads in flight.
+
+        A span is valid only until the next one is asked for: with shared reads its
+        memory is handed back to the daemon for a later read.
+        """
+        located = ((self._locate(b, off, n), n) for b, off, n in requests)
+        if self._shared is not None:
+            yield from self._shared.reads(located)
+            return
+        client = self.client
+        pending: collections.deque[int] = collections.deque()
+        for offset, length in located:
+            pending.append(client.submit_read(offset, length))
+            if len(pending) >= self._window:
+                yield Span.whole(client.wait_read(pending.popleft()))
+        while pending:
+            yield Span.whole(client.wait_read(pending.popleft()))
 
     def zero_map(self, block: BlockEntry | str) -> Iterator[Extent]:
         """Extents of the block, in block coordinates, from BLOCK_STATUS base:allocation.

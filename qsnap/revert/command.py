@@ -92,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="postcopy: limit the background push to this much guest RAM per second "
         "(requested pages are never held back)",
     )
+    parser.add_argument(
+        "--nbd-only",
+        action="store_true",
+        help="precopy: read pages over NBD instead of through memory shared with the "
+        "storage daemon (its vhost-user-blk export)",
+    )
     parser.add_argument("--progress", action="store_true", help="progress lines on stderr")
     parser.add_argument("--json", action="store_true", help="summary as JSON on stderr")
     parser.add_argument(
@@ -131,7 +137,8 @@ def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
     )
     sink.stall_timeout = options.stall_timeout
     stats = RevertStats()
-    source = ImageSource(SnapshotImage.open(parse_spec(image)))
+    shared = not postcopy and not args.nbd_only
+    source = ImageSource(SnapshotImage.open(parse_spec(image), shared_reads=shared))
     try:
         rp = ReturnPath(0) if use_rp else None
         sink.abort_check = AbortCheck(rp)

@@ -92,6 +92,7 @@ def revert_precopy(
             ram.zeros(block.name, offset, run.count * block.host_page_size // tps)
         else:
             ram.pages(block.name, offset, next(reads))
+            ram.push()  # the span is only valid until the next read is asked for
         progress.update(stats)
         abort.check()
     ram.close_section()

@@ -16,9 +16,11 @@ flags`` packed in one ``struct`` call and interleaved with their pages by C iter
 
 from __future__ import annotations
 
+import operator
 import struct
 from itertools import chain, groupby, repeat
 
+from qsnap.image.span import Span
 from qsnap.revert.sink import StreamSink
 from qsnap.revert.stats import RevertStats
 from qsnap.stream.constants import RamFlag, SectionType
@@ -85,16 +87,23 @@ class RamSectionWriter:
         self.stats.zero_pages += count
         self._added(self._zero_records(block, offset, count))
 
-    def pages(self, block: str, offset: int, data: bytes | bytearray) -> None:
-        """PAGE (or ZERO, for pages that are all zeros) records for ``data``."""
+    def pages(self, block: str, offset: int, data: bytes | bytearray | Span) -> None:
+        """PAGE (or ZERO, for pages that are all zeros) records for ``data``.
+
+        The records refer to ``data`` until they are written (:meth:`push`).
+        """
+        span = data if isinstance(data, Span) else Span.whole(data)
         ps = self.page_size
-        if len(data) % ps:
-            raise ValueError(f"page data of {len(data)} bytes is not a multiple of {ps}")
+        if span.length % ps:
+            raise ValueError(f"page data of {span.length} bytes is not a multiple of {ps}")
         self._begin()
-        zero = map(
-            data.startswith, repeat(self._zero_page, len(data) // ps), range(0, len(data), ps)
+        end = span.start + span.length
+        starts = range(span.start, end, ps)
+        found = map(
+            span.buffer.find, repeat(self._zero_page), starts, range(span.start + ps, end + ps, ps)
         )
-        view = memoryview(data)
+        zero = map(operator.eq, found, starts)
+        view = span.view()
         index = size = 0
         for is_zero, group in groupby(zero):
             count = len(list(group))

@@ -8,7 +8,6 @@ real implementation; tests may provide an in-memory one.
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Protocol
 
 from qsnap.image import layout
 from qsnap.image.snapshot import SnapshotImage
+from qsnap.image.span import Span
 from qsnap.revert.errors import RevertError
 from qsnap.revert.scheduler import BlockGeometry
 
@@ -71,8 +71,11 @@ class RevertSource(Protocol):
     def read(self, block: str, offset: int, length: int) -> bytes | bytearray:
         """``length`` bytes of ``block`` at ``offset`` (not to be modified)."""
 
-    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[bytes | bytearray]:
-        """The data of each (block, offset, length), in order, several reads in flight."""
+    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[Span]:
+        """The data of each (block, offset, length), in order, several reads in flight.
+
+        A span is valid only until the next one is asked for (its memory may be reused).
+        """
 
     def device_state(self, sections_only: bool) -> Iterator[bytes]:
         """The saved device state in bounded chunks; ``sections_only`` stops before EOF."""
@@ -108,10 +111,9 @@ def geometry(source: RevertSource) -> list[BlockGeometry]:
 class ImageSource:
     """``RevertSource`` over an open, complete ``qsnap.image.SnapshotImage``."""
 
-    def __init__(self, image: SnapshotImage, depth: int = 8) -> None:
+    def __init__(self, image: SnapshotImage) -> None:
         """Takes ownership of ``image``: it is closed here if it cannot be reverted."""
         self._image: SnapshotImage | None = image
-        self.depth = depth
         try:
             self._check(image)
         except BaseException:
@@ -160,15 +162,8 @@ class ImageSource:
     def read(self, block: str, offset: int, length: int) -> bytearray:
         return self.image.read(block, offset, length)
 
-    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[bytearray]:
-        image = self.image
-        pending: collections.deque[int] = collections.deque()
-        for block, offset, length in requests:
-            pending.append(image.submit_read(block, offset, length))
-            if len(pending) >= self.depth:
-                yield image.wait_read(pending.popleft())
-        while pending:
-            yield image.wait_read(pending.popleft())
+    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[Span]:
+        return self.image.read_spans(requests)
 
     def device_state(self, sections_only: bool) -> Iterator[bytes]:
         return self.image.device_state(sections_only=sections_only)

@@ -24,6 +24,7 @@ from qsnap.harness.guests import PatternGuest
 from qsnap.harness.sweep import check_sweep
 from qsnap.harness.vm import VM
 from qsnap.image.snapshot import SnapshotImage
+from qsnap.image.virtqueue import ORDERED_HOST
 from qsnap.stream import StreamReader, encode
 from qsnap.stream import records as r
 
@@ -218,6 +219,23 @@ def test_every_stored_page_equals_stream_and_memory(saved: Saved) -> None:
             if block.idstr == "pc.ram":  # pmemsave sees VGA/ROM windows in 640K..1M
                 assert contents[:VGA_WINDOW] == saved.ram[:VGA_WINDOW]
                 assert contents[1 << 20 :] == saved.ram[1 << 20 :]
+
+
+def test_spans_over_shared_memory_equal_nbd_reads_and_the_stream(saved: Saved) -> None:
+    for shared in (True, False):
+        with SnapshotImage.open(str(saved.image), shared_reads=shared) as image:
+            assert image.shares_memory is (shared and ORDERED_HOST)
+            for block in image.complete_header().blocks:
+                requests = [
+                    (block, pos, min(1 << 20, block.used_length - pos))
+                    for pos in range(0, block.used_length, 1 << 20)
+                ]
+                for (_, pos, n), span in zip(requests, image.read_spans(requests), strict=True):
+                    data = span.buffer[span.start : span.start + span.length]
+                    assert data == image.read(block, pos, n)
+                    for page in range(0, n, PAGE):
+                        want = saved.stream.pages.get((block.idstr, pos + page), bytes(PAGE))
+                        assert data[page : page + PAGE] == want, (block.idstr, hex(pos + page))
 
 
 def test_zero_pages_are_not_allocated(saved: Saved) -> None:

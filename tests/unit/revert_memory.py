@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 
+from qsnap.image.span import Span
 from qsnap.revert.source import SourceBlock
 from qsnap.stream import records as r
 from qsnap.stream.writer import encode, encode_footer
@@ -66,9 +67,17 @@ class MemorySource:
         self.reads.append((block, offset, length))
         return self.data[block][offset : offset + length]
 
-    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[bytes]:
+    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[Span]:
+        """Spans of one reused buffer, scribbled over once the next span is asked for, as
+        the memory shared with the storage daemon is reused by its next read."""
+        scratch = bytearray()
         for block, offset, length in requests:
-            yield self.read(block, offset, length)
+            data = self.read(block, offset, length)
+            if len(scratch) < length:
+                scratch = bytearray(length)
+            scratch[:length] = data
+            yield Span(scratch, 0, length)
+            scratch[:] = b"\xa5" * len(scratch)
 
     def device_state(self, sections_only: bool) -> Iterator[bytes]:
         assert not self.closed, "read after close"
