@@ -570,6 +570,25 @@ class VM:
                 )
             time.sleep(poll)
 
+    def await_migration_event(
+        self, timeout: float, until: Iterable[MigrationStatus] = FINAL_STATUSES
+    ) -> MigrationResult:
+        """Wait for a MIGRATION event whose status is one of `until` (by default: final).
+
+        Needs the `events` capability set before the migration starts.  Unlike
+        `wait_migration` it costs nothing while waiting, and it knows the moment QEMU
+        changed state: what a benchmark wants, since polling `query-migrate` takes CPU
+        from the QEMU being measured.
+        """
+        wanted = frozenset(until)
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.wait_event("MIGRATION", max(deadline - time.monotonic(), 0.0))
+            status = MigrationStatus(event.get("data", {}).get("status", "none"))
+            if status in wanted:
+                info = self.query_migrate()
+                return MigrationResult(status, info.get("error-desc"), info)
+
     def background_snapshot(self, uri: str, timeout: float) -> MigrationResult:
         """Migrate with the background-snapshot capability to `uri` and wait for the end.
 
