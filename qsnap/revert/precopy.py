@@ -17,15 +17,15 @@ from qsnap.revert.session import AbortCheck, RevertOptions, finish
 from qsnap.revert.sink import Buffer, StreamSink
 from qsnap.revert.source import RevertSource, geometry
 from qsnap.revert.stats import Progress, RevertStats
-from qsnap.stream import records
-from qsnap.stream.writer import encode
+from qsnap.stream.constants import MigCommand
+from qsnap.stream.wire import encode_command, encode_ping
 
 
 def opening(source: RevertSource, with_return_path: bool) -> list[bytes]:
     """Prologue, then OPEN_RETURN_PATH and PING 1 as QEMU's migration thread sends them."""
     parts = [source.prologue]
     if with_return_path:
-        parts += [encode(records.OpenReturnPath()), encode(records.Ping(1))]
+        parts += [encode_command(MigCommand.OPEN_RETURN_PATH), encode_ping(1)]
     return parts
 
 

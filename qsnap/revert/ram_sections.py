@@ -24,7 +24,7 @@ from qsnap.image.span import Span
 from qsnap.revert.sink import StreamSink
 from qsnap.revert.stats import RevertStats
 from qsnap.stream.constants import RamFlag, SectionType
-from qsnap.stream.writer import RamEncoder, encode_footer
+from qsnap.stream.wire import RamEncoder, encode_footer
 
 _SECTION_HEAD = struct.Struct(">BI")
 _WORD = 8

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
         ReturnPathReader,
         encode_message,
     )
-    from .writer import RamEncoder, encode, encode_footer
+    from .wire import RamEncoder, encode_footer
+    from .writer import encode
 
 __all__ = [
     "QEVM_MAGIC",
@@ -54,7 +55,7 @@ _EXPORTS = {
     "MigCommand": "constants",
     "QEVM_MAGIC": "constants",
     "QEVM_VERSION": "constants",
-    "RamEncoder": "writer",
+    "RamEncoder": "wire",
     "RamFlag": "constants",
     "ReturnPathMessage": "return_path",
     "ReturnPathReader": "return_path",
@@ -64,7 +65,7 @@ _EXPORTS = {
     "StreamOptions": "options",
     "StreamReader": "reader",
     "encode": "writer",
-    "encode_footer": "writer",
+    "encode_footer": "wire",
     "encode_message": "return_path",
     "split_device_state_tail": "device_tail",
 }

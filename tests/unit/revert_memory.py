@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from qsnap.image.span import Span
 from qsnap.revert.source import SourceBlock
 from qsnap.stream import records as r
-from qsnap.stream.writer import encode, encode_footer
+from qsnap.stream.wire import encode_footer
+from qsnap.stream.writer import encode
 
 RAM_SECTION_ID = 2
 MACHINE = "pc-i440fx-10.0"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from qsnap.revert.ram_sections import RamSectionWriter
 from qsnap.revert.sink import StreamSink
 from qsnap.revert.stats import RevertStats
-from qsnap.stream.writer import RamEncoder
+from qsnap.stream.wire import RamEncoder
 
 PS = 4096
 
