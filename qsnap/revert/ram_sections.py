@@ -16,8 +16,10 @@ flags`` packed in one ``struct`` call and interleaved with their pages by C iter
 
 from __future__ import annotations
 
+import mmap
 import operator
 import struct
+from collections.abc import Iterator
 from itertools import chain, groupby, repeat
 
 from qsnap.image.span import Span
@@ -44,6 +46,39 @@ def _slices(view: memoryview, count: int, size: int, stride: int) -> map[memoryv
     return map(view.__getitem__, map(slice, starts, range(size, count * stride + size, stride)))
 
 
+def _zero_pages(span: Span, page_size: int, zero_page: bytes) -> Iterator[bool]:
+    """Whether each page of ``span`` is all zeros, tested in place.
+
+    ``bytes.find`` with a page-long needle preprocesses it on every call (25 times
+    slower than ``startswith``), but an mmap has only ``find``; its own is fast.
+    """
+    end = span.start + span.length
+    starts = range(span.start, end, page_size)
+    buffer = span.buffer
+    if isinstance(buffer, mmap.mmap):
+        ends = range(span.start + page_size, end + page_size, page_size)
+        return map(operator.eq, map(buffer.find, repeat(zero_page), starts, ends), starts)
+    return map(buffer.startswith, repeat(zero_page), starts)
+
+
+class _SlotViews:
+    """Views of one shared-memory slot's pages, and a buffer with a record word per page."""
+
+    def __init__(self, span: Span, page_size: int) -> None:
+        count = span.length // page_size
+        self.pages = list(_slices(span.view(), count, page_size, page_size))
+        self.words = bytearray(count * _WORD)
+        self._words = list(_slices(memoryview(self.words), count, _WORD, _WORD))
+        self._mixed: list[memoryview] = [memoryview(b"")] * (2 * count)
+
+    def interleaved(self, first: int, count: int) -> list[memoryview]:
+        """The word and the page of pages ``first``, ``first + 1``, ... (``count`` of them)."""
+        mixed = self._mixed[: 2 * count]
+        mixed[0::2] = self._words[first : first + count]
+        mixed[1::2] = self.pages[first : first + count]
+        return mixed
+
+
 class RamSectionWriter:
     """Encodes pages into PART sections of the saved RAM section id."""
 
@@ -63,6 +98,7 @@ class RamSectionWriter:
         self._encoder = RamEncoder(page_size)
         self._zero_page = bytes(page_size)
         self._parts: list[bytes | bytearray | memoryview] = []
+        self._slot_views: dict[tuple[int, int], _SlotViews] = {}
         self._pending = 0
         self._section_size = 0
         self._open = False
@@ -97,12 +133,7 @@ class RamSectionWriter:
         if span.length % ps:
             raise ValueError(f"page data of {span.length} bytes is not a multiple of {ps}")
         self._begin()
-        end = span.start + span.length
-        starts = range(span.start, end, ps)
-        found = map(
-            span.buffer.find, repeat(self._zero_page), starts, range(span.start + ps, end + ps, ps)
-        )
-        zero = map(operator.eq, found, starts)
+        zero = _zero_pages(span, ps, self._zero_page)
         view = span.view()
         index = size = 0
         for is_zero, group in groupby(zero):
@@ -113,9 +144,37 @@ class RamSectionWriter:
                 size += self._zero_records(block, at, count)
             else:
                 self.stats.data_pages += count
-                size += self._data_records(block, at, view[index * ps : (index + count) * ps])
+                if isinstance(span.buffer, mmap.mmap):
+                    size += self._slot_records(block, at, span, index, count)
+                else:
+                    size += self._data_records(block, at, view[index * ps : (index + count) * ps])
             index += count
         self._added(size)
+
+    def _slot_records(self, block: str, offset: int, span: Span, index: int, count: int) -> int:
+        """``_data_records`` for pages ``index`` onwards of a shared-memory slot.
+
+        Slots are reused for every read, so their page views and a buffer of record words
+        (with its views) are made once per slot; the words are valid as long as the pages
+        are, until the next read.  No Python object is made per page.
+        """
+        key = (id(span.buffer), span.start)
+        views = self._slot_views.get(key)
+        if views is None or len(views.pages) < span.length // self.page_size:
+            views = _SlotViews(span, self.page_size)
+            self._slot_views[key] = views
+        ps = self.page_size
+        first = self._encoder.page(block, offset, views.pages[index])
+        rest = count - 1
+        struct.pack_into(  # each page's word has its own place: runs of one span coexist
+            f">{rest}Q",
+            views.words,
+            (index + 1) * _WORD,
+            *range((offset + ps) | _CONTINUE_PAGE, offset + count * ps, ps),
+        )
+        records: list[bytes | bytearray | memoryview] = [first, *views.interleaved(index + 1, rest)]
+        self._parts += records
+        return len(first) + rest * (_WORD + ps)
 
     def _zero_records(self, block: str, offset: int, count: int) -> int:
         """Queue ZERO records for ``count`` pages; returns their size."""

@@ -8,6 +8,7 @@ are never read.
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Iterable, Iterator, Sequence
 
 from qsnap.image.span import Span
@@ -69,13 +70,13 @@ class MemorySource:
         return self.data[block][offset : offset + length]
 
     def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[Span]:
-        """Spans of one reused buffer, scribbled over once the next span is asked for, as
+        """Spans of one reused mmap, scribbled over once the next span is asked for, as
         the memory shared with the storage daemon is reused by its next read."""
-        scratch = bytearray()
+        scratch = mmap.mmap(-1, 1 << 20)
         for block, offset, length in requests:
             data = self.read(block, offset, length)
             if len(scratch) < length:
-                scratch = bytearray(length)
+                scratch = mmap.mmap(-1, length)
             scratch[:length] = data
             yield Span(scratch, 0, length)
             scratch[:] = b"\xa5" * len(scratch)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import mmap
 import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qsnap.image.span import Span
 from qsnap.revert.ram_sections import RamSectionWriter
 from qsnap.revert.sink import StreamSink
 from qsnap.revert.stats import RevertStats
@@ -49,8 +51,11 @@ def _expected(script: list[Call]) -> bytes:
 
 
 @settings(max_examples=60, deadline=None)
-@given(calls)
-def test_records_match_one_encoder_call_per_page(script: list[Call]) -> None:
+@given(calls, st.booleans())
+def test_records_match_one_encoder_call_per_page(script: list[Call], shared: bool) -> None:
+    """Pages from a bytes object, or from one reused shared-memory slot (overwritten by
+    the next read once the records were written), give the same records."""
+    slot = mmap.mmap(-1, 64 * PS)
     stats = RevertStats()
     with tempfile.TemporaryFile() as out:
         # part_bytes larger than anything written: no section boundary inside the records.
@@ -59,7 +64,14 @@ def test_records_match_one_encoder_call_per_page(script: list[Call]) -> None:
             if pages[0] is None:
                 writer.zeros(block, first * PS, len(pages))
             else:
-                writer.pages(block, first * PS, b"".join(_page(v or 0) for v in pages))
+                data = b"".join(_page(v or 0) for v in pages)
+                if shared:
+                    slot[PS : PS + len(data)] = data
+                    writer.pages(block, first * PS, Span(slot, PS, len(data)))
+                    writer.push()
+                    slot[:] = b"\xa5" * len(slot)
+                else:
+                    writer.pages(block, first * PS, data)
         writer.push()
         out.seek(0)
         written = out.read()

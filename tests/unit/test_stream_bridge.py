@@ -47,7 +47,24 @@ def test_bridged_input_reads_as_whole_input(
         items, error = read(raw, cuts, batched=batched, **kw)
     assert (error, whole_error) == ("", "")
     page_size = page_size_of(whole)
-    assert expand(items, page_size) == expand(whole, page_size)
+    assert _joined(expand(items, page_size)) == _joined(expand(whole, page_size))
+
+
+def _joined(items: list[object]) -> list[object]:
+    """Consecutive device-state chunks as one: passed through as fed, they follow the
+    input's cuts, which the whole input does not have."""
+    out: list[object] = []
+    for item in items:
+        chunk = item[0] if isinstance(item, tuple) and len(item) == 1 else None
+        if (
+            isinstance(chunk, r.DeviceStateChunk)
+            and out
+            and isinstance(out[-1], r.DeviceStateChunk)
+        ):
+            out[-1] = r.DeviceStateChunk(out[-1].data + chunk.data)
+        else:
+            out.append(chunk if isinstance(chunk, r.DeviceStateChunk) else item)
+    return out
 
 
 @settings(max_examples=300)
