@@ -138,7 +138,9 @@ def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
     sink.stall_timeout = options.stall_timeout
     stats = RevertStats()
     shared = not postcopy and not args.nbd_only
-    source = ImageSource(SnapshotImage.open(parse_spec(image), shared_reads=shared))
+    opened = SnapshotImage.open(parse_spec(image), shared_reads=shared)
+    stats.page_reads = "shared memory" if opened.shares_memory else "nbd"
+    source = ImageSource(opened)
     try:
         rp = ReturnPath(0) if use_rp else None
         sink.abort_check = AbortCheck(rp)

@@ -33,6 +33,8 @@ class RevertStats:
     run_ns: int | None = None
     end_ns: int | None = None
     latencies_ns: array[int] = field(default_factory=lambda: array("q"))
+    page_reads: str = "nbd"
+    """How page data came from the storage daemon: "nbd" or "shared memory"."""
 
     def mark(self) -> int:
         """Nanoseconds since the start."""
@@ -52,6 +54,7 @@ class RevertStats:
             "bytes": self.bytes_written,
             "seconds": round(seconds, 3),
             "mib_per_s": round(self.bytes_written / 2**20 / seconds, 1) if seconds else 0.0,
+            "page_reads": self.page_reads,
         }
         if self.listen_ns is not None:
             result.update(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from revert_helpers import qsnap, qsnap_lines, revert_into, saved_paused_guest
 from qsnap.harness import analyze, memory
 from qsnap.harness.qemu import find_qemu, find_qemu_img, probe_background_snapshot
 from qsnap.harness.vm import MigrationStatus, RunState, VMFactory
+from qsnap.image.virtqueue import ORDERED_HOST
 
 pytestmark = pytest.mark.qemu
 
@@ -32,11 +34,22 @@ def test_paused_guest_memory_and_device_state(vms: VMFactory, tmp_path: Path) ->
 
     captured = tmp_path / "reverted.stream"
     with captured.open("wb") as out:
-        proc = qsnap("revert", os.fspath(image), stdout=out)
+        proc = qsnap("revert", "--json", os.fspath(image), stdout=out)
     assert proc.returncode == 0, proc.stderr
+    shared = "shared memory" if ORDERED_HOST else "nbd"  # see qsnap.image.virtqueue
+    assert json.loads(proc.stderr)["page_reads"] == shared
     assert analyze.diff_state(analyze.device_state(raw), analyze.device_state(captured)) == []
     diff = memory.compare(reference, memory.reference_from_file(captured))
     assert diff.matches, diff.summary()
+
+    # Pages read over NBD instead of through the memory shared with the daemon: the
+    # stream is the same, byte for byte.
+    over_nbd = tmp_path / "nbd.stream"
+    with over_nbd.open("wb") as out:
+        proc = qsnap("revert", "--json", "--nbd-only", os.fspath(image), stdout=out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stderr)["page_reads"] == "nbd"
+    assert over_nbd.read_bytes() == captured.read_bytes()
 
     # the same image again, then a copy made by qemu-img with other clusters (64 KiB)
     converted = tmp_path / "converted copy.qcow2"
