@@ -10,6 +10,12 @@ the used index is loaded before the used entries.  Python cannot issue memory ba
 so this relies on a host that keeps stores in order and loads in order (x86-64's TSO);
 :data:`ORDERED_HOST` says whether this one does, and callers fall back to a socket
 transport where it does not.
+
+The two indices shared with a running device are accessed through a memoryview of 16-bit
+words: one 2-byte load or store (native order, little-endian on such hosts).
+``struct.pack_into`` clears a field before it stores the value: a device that read the
+available index in between saw thousands of chains appear and gave up ("Virtqueue size
+exceeded", once in some thousands of requests).
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ class SplitQueue:
             raise ValueError("virtqueue memory is read-only or smaller than its layout")
         self.layout = layout
         self._mem[layout.desc : layout.end] = bytes(layout.end - layout.desc)
+        self._words = self._mem[: len(self._mem) & ~1].cast("H")  # see the module
         self._free = list(range(layout.size - 1, -1, -1))
         self._chains: dict[int, list[int]] = {}
         self._avail_idx = 0
@@ -129,14 +136,14 @@ class SplitQueue:
         slot = self._avail_idx % layout.size
         _U16.pack_into(mem, layout.avail + _RING_HEADER + 2 * slot, ids[0])
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        _U16.pack_into(mem, layout.avail + 2, self._avail_idx)
+        self._words[(layout.avail + 2) // 2] = self._avail_idx
         self._chains[ids[0]] = ids
         return ids[0]
 
     def collect(self) -> list[Used]:
         """The chains the device has used since the last call, their descriptors freed."""
         layout, mem = self.layout, self._mem
-        (device_idx,) = _U16.unpack_from(mem, layout.used + 2)
+        device_idx = self._words[(layout.used + 2) // 2]
         if (device_idx - self._used_idx) & 0xFFFF > len(self._chains):
             raise VirtqueueError(
                 f"used index {device_idx} runs past the {len(self._chains)} outstanding chains"
@@ -155,4 +162,5 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop the view of the shared memory (so that it can be unmapped)."""
+        self._words.release()
         self._mem.release()

@@ -100,6 +100,26 @@ def test_a_span_is_reused_only_after_the_next_is_asked_for(
         reader.close()
 
 
+def test_many_small_requests_keep_the_rings_in_step(
+    daemon: StorageDaemon, image: tuple[Path, bytes]
+) -> None:
+    """The available index was once stored with struct.pack_into, which clears it first:
+    the daemon, reading 0 in between, gave up on the queue after some thousands of
+    requests (vu_panic "Virtqueue size exceeded").  60000 requests, 8 in flight."""
+    contents = image[1]
+    reader = _reader(daemon, depth=8)
+    try:
+        count = 0
+        for i, span in enumerate(reader.reads((i % 4096 * 4096, 512) for i in range(60_000))):
+            count += 1
+            if i % 997 == 0:
+                at = i % 4096 * 4096
+                assert bytes(span.view()) == contents[at : at + 512]
+        assert count == 60_000
+    finally:
+        reader.close()
+
+
 def test_a_read_beyond_the_end_fails_with_the_device_status(daemon: StorageDaemon) -> None:
     reader = _reader(daemon)
     try:
