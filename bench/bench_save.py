@@ -124,6 +124,8 @@ def main() -> int:
         print(f"qsnap phases (last)    stream {summary['stream_seconds']:.2f} s from image open, "
               f"then digests, flush and header {finish:.2f} s")  # fmt: skip
         gib = summary["stream_bytes"] / (1 << 30)
+        shared = "vhost-user-blk, shared memory" if summary.get("shared_writes") else "NBD"
+        print(f"qsnap page writes      {shared}")
         print(f"qsnap CPU              {summary['cpu_seconds'] / gib:.2f} s per GiB of stream")
         print(f"storage daemon CPU     {summary['daemon_cpu_seconds'] / gib:.2f} s per GiB")
         print(f"load average           {os.getloadavg()[0]:.1f} (CPU time is what to compare)")

@@ -57,6 +57,7 @@ class SaveResult:
     seconds: float
     stats: WriteStats
     stream_seconds: float = 0.0  # until the end of the stream: what the source waited for
+    shared_writes: bool = False  # pages went through memory shared with the daemon
 
     def summary(self) -> dict[str, object]:
         own = resource.getrusage(resource.RUSAGE_SELF)
@@ -73,6 +74,7 @@ class SaveResult:
             "zero_pages": self.stats.zero_pages,
             "device_state_bytes": self.stats.device_state_bytes,
             "written_bytes": self.stats.written_bytes,
+            "shared_writes": self.shared_writes,
             "peak_rss_kib": own.ru_maxrss,
             "cpu_seconds": round(own.ru_utime + own.ru_stime, 3),
             "daemon_cpu_seconds": round(daemon.ru_utime + daemon.ru_stime, 3),
@@ -319,18 +321,21 @@ def save(
     progress: TextIO | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     ahead: ReadAhead | None = None,
+    shared_writes: bool = True,
 ) -> SaveResult:
     """Save the stream ``read`` returns (stdin by default) into the image at ``spec``.
 
     ``timeout``: longest wait for stream data on stdin (a stalled source is an error).
     ``ahead``: what was reading stdin while qsnap started (taken over at the first read).
+    ``shared_writes``: pages go through memory shared with the storage daemon where it
+    and the host allow (see :class:`SnapshotImage`); False keeps everything on NBD.
     """
     if read is None:
         read = _stdin_reader(timeout, ahead)
 
     start = time.monotonic()
     ticker = _Progress(progress)
-    with SnapshotImage.open(spec, writable=True) as image:
+    with SnapshotImage.open(spec, writable=True, shared_writes=shared_writes) as image:
         try:
             writer = ImageWriter(image)
             saver = StreamSaver(writer, vmstate_only=vmstate_only, page_size=page_size)
@@ -347,8 +352,9 @@ def save(
             if detail:
                 raise ImageError(f"{exc} ({detail})") from exc
             raise
+        shared = image.shares_memory
     end = time.monotonic()
-    return SaveResult(header, total, end - start, writer.stats, stream_end - start)
+    return SaveResult(header, total, end - start, writer.stats, stream_end - start, shared)
 
 
 def report(result: SaveResult, *, as_json: bool, out: TextIO) -> None:

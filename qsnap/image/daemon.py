@@ -1,8 +1,8 @@
 """A private qemu-storage-daemon exporting one blockdev over NBD on a unix socket.
 
-For bulk reads the same node can also be exported read-only as vhost-user-blk, on a
-second socket (see :mod:`qsnap.image.vhost_blk`).  qsnap never parses qcow2 itself:
-QEMU's block layer does, in this child process.  The
+For bulk reads and writes the same node can also be exported as vhost-user-blk (writable
+only when the NBD export is), on a second socket (see :mod:`qsnap.image.vhost_blk`).
+qsnap never parses qcow2 itself: QEMU's block layer does, in this child process.  The
 socket lives in a fresh 0700 directory so no other user can reach the export.  The daemon
 dies with qsnap (PR_SET_PDEATHSIG) even if qsnap is killed with SIGKILL, and runs in its
 own session so a terminal's Ctrl-C reaches only qsnap, which then shuts it down cleanly.
@@ -102,7 +102,7 @@ class StorageDaemon:
         timeout: float = 30.0,
         vhost_user: bool = False,
     ) -> None:
-        """``vhost_user``: also export the image read-only as vhost-user-blk (bulk reads)."""
+        """``vhost_user``: also export the image as vhost-user-blk (bulk I/O)."""
         self.spec = spec
         self.writable = writable
         self.vhost_user = vhost_user
@@ -135,7 +135,7 @@ class StorageDaemon:
         writable = "on" if self.writable else "off"
         vhost_user = [
             "--export",
-            f"type=vhost-user-blk,id=qsnap-vhost-user,node-name={FORMAT_NODE},writable=off,"
+            f"type=vhost-user-blk,id=qsnap-vhost-user,node-name={FORMAT_NODE},writable={writable},"
             f"addr.type=unix,addr.path={self.vhost_user_path.replace(',', ',,')}",
         ]
         return [

@@ -2,8 +2,9 @@
 
 This is the API ``qsnap revert`` and ``qsnap verify`` read through; the save side lives in
 :mod:`qsnap.image.writer` and uses the same object for its I/O.  Opened with
-``shared_reads``, the daemon also exports the image over vhost-user-blk and
-:meth:`SnapshotImage.read_spans` reads page data into memory shared with it.
+``shared_reads`` (or, writable, ``shared_writes``), the daemon also exports the image
+over vhost-user-blk: :meth:`SnapshotImage.read_spans` reads page data into memory shared
+with it, and :meth:`SnapshotImage.submit_writev` writes through it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from qsnap.image.layout import BlockEntry, Header
 from qsnap.image.nbd import AllocFlag, NbdClient
 from qsnap.image.span import Span
 from qsnap.image.spec import BlockdevSpec, parse_spec
-from qsnap.image.vhost_blk import VhostBlkReader
+from qsnap.image.vhost_blk import SECTOR, VhostBlkDevice, VhostWriteError
 from qsnap.image.virtqueue import ORDERED_HOST
 
 log = logging.getLogger(__name__)
 
 CHUNK = layout.MiB
+WRITE_SLOT = 2 * layout.MiB
+"""The largest write that goes through shared memory (one slot; larger ones use NBD)."""
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,21 @@ class SnapshotImage:
     """
 
     def __init__(
-        self, spec: BlockdevSpec, *, writable: bool, window: int = 8, shared_reads: bool = False
+        self,
+        spec: BlockdevSpec,
+        *,
+        writable: bool,
+        window: int = 8,
+        shared_reads: bool = False,
+        shared_writes: bool = False,
     ) -> None:
         self.spec = spec
         self.writable = writable
-        shared = shared_reads and not writable and ORDERED_HOST
+        shared = (shared_writes if writable else shared_reads) and ORDERED_HOST
         self._daemon = StorageDaemon(spec, writable=writable, vhost_user=shared)
         self._window = window
         self._client: NbdClient | None = None
-        self._shared: VhostBlkReader | None = None
+        self._shared: VhostBlkDevice | None = None
         self._header: Header | None = None
 
     @classmethod
@@ -90,14 +99,22 @@ class SnapshotImage:
         writable: bool = False,
         window: int = 8,
         shared_reads: bool = False,
+        shared_writes: bool = False,
     ) -> SnapshotImage:
         """Start the daemon and connect; use the result as a context manager.
 
         ``shared_reads`` (read-only images): serve :meth:`read_spans` through a
         vhost-user-blk export where the daemon and the host allow it, else over NBD.
+        ``shared_writes`` (writable images): the same for :meth:`submit_writev`.
         """
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
-        image = cls(parsed, writable=writable, window=window, shared_reads=shared_reads)
+        image = cls(
+            parsed,
+            writable=writable,
+            window=window,
+            shared_reads=shared_reads,
+            shared_writes=shared_writes,
+        )
         try:
             image._start()
         except BaseException:
@@ -111,21 +128,23 @@ class SnapshotImage:
         except ImageError as exc:
             if not self._daemon.vhost_user or "vhost" not in str(exc):
                 raise
-            log.debug("no vhost-user-blk export (%s): reading over NBD only", exc)
+            log.debug("no vhost-user-blk export (%s): NBD only", exc)
             self._daemon.stop()
             self._daemon = StorageDaemon(self.spec, writable=self.writable)
             self._daemon.start()
         self._client = self._connect()
         if self._daemon.vhost_user:
             try:
-                self._shared = VhostBlkReader.open(
+                self._shared = VhostBlkDevice.open(
                     self._daemon.vhost_user_path,
                     depth=self._window,
+                    slot_size=WRITE_SLOT if self.writable else CHUNK,
                     timeout=self._daemon.timeout,
                     death=self._daemon.death,
+                    writable=self.writable,
                 )
             except (ImageError, OSError) as exc:
-                log.debug("vhost-user-blk reads unavailable (%s): reading over NBD", exc)
+                log.debug("vhost-user-blk unavailable (%s): NBD only", exc)
 
     def _connect(self) -> NbdClient:
         """Connect; the socket file can exist a moment before the daemon listens on it."""
@@ -238,7 +257,7 @@ class SnapshotImage:
 
     @property
     def shares_memory(self) -> bool:
-        """Whether :meth:`read_spans` reads into memory shared with the daemon."""
+        """Whether bulk reads and writes go through memory shared with the daemon."""
         return self._shared is not None
 
     def read_spans(self, requests: Iterable[tuple[BlockEntry | str, int, int]]) -> Iterator[Span]:
@@ -259,6 +278,61 @@ class SnapshotImage:
                 yield Span.whole(client.wait_read(pending.popleft()))
         while pending:
             yield Span.whole(client.wait_read(pending.popleft()))
+
+    # -- writes -------------------------------------------------------------------------
+
+    def submit_writev(self, offset: int, parts: list[bytes | memoryview], length: int) -> None:
+        """Queue one write of the concatenation of ``parts`` (``length`` bytes).
+
+        Through shared memory when it is whole sectors of at most one slot (the parts are
+        copied: reusable on return), else over NBD (kept by reference until sent).  The
+        two transports are not ordered: :meth:`drain` before rewriting a range.
+        """
+        shared = self._shared
+        if shared is None or offset % SECTOR or length % SECTOR or length > shared.slot_size:
+            self.client.submit_writev(offset, parts, length=length)
+            return
+        while True:
+            try:
+                shared.write(offset, parts, length)
+                return
+            except VhostWriteError as exc:
+                self._rewrite(exc)
+
+    def drain(self) -> None:
+        """Wait for every write in flight on both transports; raise the first error."""
+        self.client.drain()
+        shared = self._shared
+        while shared is not None:
+            try:
+                shared.drain()
+                return
+            except VhostWriteError as exc:
+                self._rewrite(exc)
+
+    def flush(self) -> None:
+        """Drain, then flush the image node: this covers writes done over either export."""
+        self.drain()
+        if self._shared is None or not self._shared.writable:
+            self.client.flush()
+            return
+        try:
+            self._shared.flush()
+        except VhostWriteError as exc:
+            self._rewrite(exc)
+
+    def _rewrite(self, failed: VhostWriteError) -> None:
+        """Redo a failed shared write (or flush) over NBD, whose error names the errno.
+
+        virtio-blk only says IOERR.  Should NBD succeed, the data is in place and the
+        save goes on; otherwise its error is the one reported.
+        """
+        log.debug("%s: retrying over NBD", failed)
+        if failed.data:
+            self.client.write(failed.offset, failed.data)
+        else:
+            self.client.flush()
+        log.warning("%s; the same over NBD succeeded", failed)
 
     def zero_map(self, block: BlockEntry | str) -> Iterator[Extent]:
         """Extents of the block, in block coordinates, from BLOCK_STATUS base:allocation.

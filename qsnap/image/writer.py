@@ -142,7 +142,7 @@ class ImageWriter:
         log.debug("pass starts; zeroing from %#x", zero_from)
         self._zero_from(zero_from)
         self.image.write_header(header)
-        self.client.flush()
+        self.image.flush()
         self.header = header
 
     def start_ram(self, head: StreamPrologue, setup: RamSetup) -> None:
@@ -222,7 +222,7 @@ class ImageWriter:
 
     def _flush_buffer(self) -> None:
         if self._buf_len:
-            self.client.submit_writev(self._buf_start, self._parts, length=self._buf_len)
+            self.image.submit_writev(self._buf_start, self._parts, self._buf_len)
             self.stats.written_bytes += self._buf_len
             self._buf_len = 0
             self._parts = []
@@ -283,10 +283,10 @@ class ImageWriter:
         index = offset // page_size
         written = state.written
         if written.find(1, index, index + count) >= 0:
-            # sent again (precopy resends dirty pages): in-flight NBD requests are not
+            # sent again (precopy resends dirty pages): writes in flight are not
             # ordered, so the older copy must land first
             self._flush_buffer()
-            self.client.drain()
+            self.image.drain()
         written[index : index + count] = b"\1" * count
         d = (state.digest_base + index) * DIGEST_SIZE
         self._digests[d : d + count * DIGEST_SIZE] = b"".join(map(self._digest, pages))
@@ -328,7 +328,7 @@ class ImageWriter:
         if written.find(1, index, index + count) < 0:
             return
         self._flush_buffer()
-        self.client.drain()  # the data writes must not overtake the zeroing
+        self.image.drain()  # the data writes must not overtake the zeroing
         for i in range(index, index + count):
             if written[i]:
                 written[i] = 0
@@ -386,13 +386,12 @@ class ImageWriter:
                 device_sections_length=device_sections_length,
                 device_state_digest=self._ds_hasher.digest(),
             )
-        self.client.drain()
-        self.client.flush()
+        self.image.flush()
         passes = header.passes | self._passes
         final = ImageState.COMPLETE if passes == ALL_PASSES else ImageState.SAVING
         header = header.with_(passes=passes, state=final)
         self.image.write_header(header)
-        self.client.flush()
+        self.image.flush()
         self.header = header
         if not header.complete:
             log.info("%s", describe_incomplete(header))

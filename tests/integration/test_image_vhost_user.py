@@ -1,10 +1,13 @@
-"""Reads through qemu-storage-daemon's vhost-user-blk export, checked against the image's
-contents as qemu-img wrote them (a qcow2 converted from a random raw file)."""
+"""Reads, writes and flushes through qemu-storage-daemon's vhost-user-blk export, checked
+against the image's contents as qemu-img wrote them (a qcow2 converted from a random raw
+file), against NBD reads of the same daemon and against qemu-img reading the file."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -14,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from qsnap.harness.tmpfs import Tmpfs
 from qsnap.image.daemon import StorageDaemon, qsd_binary
+from qsnap.image.errors import NbdError
+from qsnap.image.nbd import NbdClient
 from qsnap.image.snapshot import SnapshotImage
 from qsnap.image.spec import parse_spec
-from qsnap.image.vhost_blk import VhostBlkReader
+from qsnap.image.vhost_blk import VhostBlkDevice, VhostWriteError
 from qsnap.image.vhost_user import VhostUserError
 from qsnap.image.virtqueue import ORDERED_HOST
 
@@ -53,10 +59,37 @@ def daemon(image: tuple[Path, bytes]) -> Iterator[StorageDaemon]:
         yield d
 
 
-def _reader(daemon: StorageDaemon, depth: int = 4) -> VhostBlkReader:
-    return VhostBlkReader.open(
-        daemon.vhost_user_path, depth=depth, slot_size=MiB, timeout=10, death=daemon.death
+@pytest.fixture
+def writable(tmp_path: Path, image: tuple[Path, bytes]) -> Iterator[StorageDaemon]:
+    """A writable daemon on a copy of the image."""
+    copy = tmp_path / "copy.qcow2"
+    shutil.copyfile(image[0], copy)
+    with StorageDaemon(parse_spec(str(copy)), writable=True, vhost_user=True) as d:
+        yield d
+
+
+def _reader(daemon: StorageDaemon, depth: int = 4, writable: bool = False) -> VhostBlkDevice:
+    return VhostBlkDevice.open(
+        daemon.vhost_user_path,
+        depth=depth,
+        slot_size=MiB,
+        timeout=10,
+        death=daemon.death,
+        writable=writable,
     )
+
+
+def _nbd(daemon: StorageDaemon) -> NbdClient:
+    return NbdClient.connect(daemon.socket_path, daemon.export_name)
+
+
+def _pieces(rnd: random.Random, data: bytes) -> list[bytes | memoryview]:
+    """``data`` cut at random places, as a mix of bytes and memoryviews."""
+    cuts = sorted(rnd.sample(range(1, len(data)), min(6, len(data) - 1)))
+    return [
+        data[a:b] if i % 2 else memoryview(data)[a:b]
+        for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(data)], strict=True))
+    ]
 
 
 def test_random_reads_return_the_image_contents(
@@ -179,11 +212,161 @@ def test_without_vhost_user_the_image_reads_over_nbd(
         assert img.size == SIZE  # served over NBD
 
 
-def test_shared_reads_are_used_where_possible(image: tuple[Path, bytes]) -> None:
+def test_shared_memory_is_used_where_asked_for(tmp_path: Path, image: tuple[Path, bytes]) -> None:
     with SnapshotImage.open(str(image[0]), shared_reads=True) as img:
         assert img.shares_memory
-    with SnapshotImage.open(str(image[0]), writable=True, shared_reads=True) as img:
-        assert not img.shares_memory  # the export is read-only: never for a save
+    copy = tmp_path / "copy.qcow2"
+    shutil.copyfile(image[0], copy)
+    with SnapshotImage.open(str(copy), writable=True, shared_reads=True) as img:
+        assert not img.shares_memory  # reads only: a save asks for shared writes
+    with SnapshotImage.open(str(copy), writable=True, shared_writes=True) as img:
+        assert img.shares_memory
+    with SnapshotImage.open(str(image[0]), shared_writes=True) as img:
+        assert not img.shares_memory  # a read-only image has no writable export
+
+
+def test_writes_land_and_read_back_over_nbd_and_vhost(
+    writable: StorageDaemon, image: tuple[Path, bytes]
+) -> None:
+    """Writes in flight together (none overlapping: they are not ordered), some into
+    never-allocated clusters; then the image read back both ways."""
+    contents = bytearray(image[1])
+    rnd = random.Random(3)
+    device = _reader(writable, writable=True)
+    try:
+        cells = list(range(SIZE // MiB))
+        rnd.shuffle(cells)
+        for cell in cells:
+            length = rnd.randrange(1, MiB // 512 + 1) * 512
+            offset = cell * MiB + rnd.randrange(0, (MiB - length) // 512 + 1) * 512
+            data = rnd.randbytes(length)
+            device.write(offset, _pieces(rnd, data), length)
+            contents[offset : offset + length] = data
+        device.drain()
+        with _nbd(writable) as nbd:
+            assert bytes(nbd.read(0, SIZE // 2)) + bytes(nbd.read(SIZE // 2, SIZE // 2)) == contents
+        spans = device.reads((pos, MiB) for pos in range(0, SIZE, MiB))
+        assert b"".join(bytes(span.view()) for span in spans) == contents
+    finally:
+        device.close()
+
+
+def test_flush_puts_the_writes_in_the_file(tmp_path: Path) -> None:
+    """After a flush, another reader of the qcow2 file (qemu-img) sees the writes: qcow2
+    keeps new clusters' mappings in the daemon's cache until then."""
+    path = tmp_path / "fresh.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=1M", str(path),
+         str(SIZE)],
+        check=True, timeout=30,
+    )  # fmt: skip
+    rnd = random.Random(5)
+    writes = [(3 * MiB + 4096, rnd.randbytes(MiB)), (17 * MiB, rnd.randbytes(8192))]
+    with StorageDaemon(parse_spec(str(path)), writable=True, vhost_user=True) as daemon:
+        device = _reader(daemon, writable=True)
+        try:
+            for offset, data in writes:
+                device.write(offset, [data], len(data))
+            device.flush()
+            raw = tmp_path / "fresh.raw"
+            subprocess.run(
+                ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)],
+                check=True, timeout=30,
+            )  # fmt: skip
+            on_disk = raw.read_bytes()
+            for offset, data in writes:
+                assert on_disk[offset : offset + len(data)] == data
+            assert on_disk[: 3 * MiB] == bytes(3 * MiB)
+        finally:
+            device.close()
+
+
+def test_a_failed_write_is_handed_back_with_its_data(writable: StorageDaemon) -> None:
+    device = _reader(writable, writable=True)
+    try:
+        data = random.Random(9).randbytes(4096)
+        device.write(0, [b"\1" * 512], 512)
+        device.write(SIZE, [data], 4096)
+        with pytest.raises(
+            VhostWriteError, match=rf"write at {SIZE:#x}\+0x1000 failed: status IOERR"
+        ):
+            device.drain()
+        try:
+            device.drain()  # each failure is raised once
+        except VhostWriteError as exc:
+            pytest.fail(f"raised twice: {exc}")
+        device.write(MiB, [data], 4096)  # and the device goes on
+        device.drain()
+        assert bytes(next(device.reads([(MiB, 4096)])).view()) == data
+        with pytest.raises(ValueError, match="do not add up"):
+            device.write(0, [data, data], 4096)
+        with pytest.raises(ValueError, match="whole sectors"):
+            device.write(100, [data], 4096)
+    finally:
+        device.close()
+    try:
+        device = _reader(writable, writable=True)
+        device.write(SIZE - 512, [data], 4096)
+        with pytest.raises(VhostWriteError) as failed:
+            device.flush()
+        assert (failed.value.offset, failed.value.data) == (SIZE - 512, data)
+    finally:
+        device.close()
+
+
+def test_a_read_only_device_or_export_takes_no_write(
+    daemon: StorageDaemon, writable: StorageDaemon
+) -> None:
+    device = _reader(writable)
+    try:
+        with pytest.raises(VhostUserError, match="opened read-only"):
+            device.write(0, [bytes(512)], 512)
+    finally:
+        device.close()
+    with pytest.raises(VhostUserError, match="export is read-only"):
+        _reader(daemon, writable=True)
+
+
+def test_a_daemon_killed_while_writing_is_named(writable: StorageDaemon) -> None:
+    device = _reader(writable, writable=True)
+    try:
+        data = bytes(MiB)
+        device.write(0, [data], MiB)
+        assert writable.pid is not None
+        os.kill(writable.pid, signal.SIGKILL)
+        with pytest.raises(VhostUserError, match=r"dropped the vhost-user-blk connection.*SIGKILL"):
+            for i in range(10_000):
+                device.write(i % 16 * MiB, [data], MiB)
+            device.drain()
+    finally:
+        device.close()
+
+
+def test_a_full_disk_is_named_with_the_errno_of_the_same_write_over_nbd(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """virtio-blk only says IOERR: the image redoes the write over NBD to learn ENOSPC."""
+    with Tmpfs(tmp_path / "mnt", size_mib=8) as fs:
+        path = fs.path / "full.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=1M", str(path),
+             str(SIZE)],
+            check=True, timeout=30,
+        )  # fmt: skip
+        data = random.Random(4).randbytes(2 * MiB)
+        with (
+            caplog.at_level(logging.DEBUG, logger="qsnap.image.snapshot"),
+            SnapshotImage.open(str(path), writable=True, shared_writes=True) as img,
+        ):
+            assert img.shares_memory
+            with pytest.raises(
+                NbdError, match=r"NBD WRITE at 0x[0-9a-f]+\+0x200000: No space left"
+            ):
+                for offset in range(0, SIZE, 2 * MiB):
+                    img.submit_writev(offset, [data], len(data))
+                img.drain()
+        retried = [r.getMessage() for r in caplog.records if "retrying over NBD" in r.getMessage()]
+        assert len(retried) == 1 and "status IOERR" in retried[0], retried
 
 
 if __name__ == "__main__":

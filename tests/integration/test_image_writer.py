@@ -11,6 +11,7 @@ from qsnap.image import layout
 from qsnap.image.errors import ImageError, ImageTooSmall, IncompleteImage
 from qsnap.image.layout import BlockEntry, ImageState, Pass
 from qsnap.image.snapshot import SnapshotImage
+from qsnap.image.virtqueue import ORDERED_HOST
 from qsnap.image.writer import ImageWriter, RamSetup, StreamPrologue
 
 pytestmark = pytest.mark.qemu
@@ -34,9 +35,11 @@ def page(n: int) -> bytes:
     return bytes([n]) * PAGE
 
 
-def test_states_resends_and_zeroed_pages(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["nbd", "shared-writes"])
+def test_states_resends_and_zeroed_pages(tmp_path: Path, shared: bool) -> None:
     spec = qcow2(tmp_path / "w.qcow2", 32 * MiB)
-    with SnapshotImage.open(spec, writable=True) as image:
+    with SnapshotImage.open(spec, writable=True, shared_writes=shared) as image:
+        assert image.shares_memory is (shared and ORDERED_HOST)
         writer = ImageWriter(image)
         assert writer.previous is None
         writer.start_ram(HEAD, SETUP)
@@ -100,11 +103,14 @@ def test_vmstate_first_then_ram_lays_ram_after_the_device_state(tmp_path: Path) 
         assert b"".join(image.device_state(sections_only=True)) == bytes(3 * MiB)
 
 
-def test_runs_split_resent_and_zeroed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["nbd", "shared-writes"])
+def test_runs_split_resent_and_zeroed(tmp_path: Path, shared: bool) -> None:
     """Runs cut across small writes, a resent run over data in flight, a zero run over
-    part of it; then a data page where a zeroed one was (no write may overtake another)."""
+    part of it; then a data page where a zeroed one was (no write may overtake another).
+    With shared writes the data goes through vhost-user-blk and the zeroing over NBD."""
     spec = qcow2(tmp_path / "r.qcow2", 32 * MiB)
-    with SnapshotImage.open(spec, writable=True) as image:
+    with SnapshotImage.open(spec, writable=True, shared_writes=shared) as image:
+        assert image.shares_memory is (shared and ORDERED_HOST)
         writer = ImageWriter(image, max_write=5 * PAGE)
         writer.start_ram(HEAD, SETUP)
         writer.pages("ram0", 3 * PAGE, [memoryview(page(10 + i)) for i in range(20)])
