@@ -87,6 +87,12 @@ def _add_save(p: argparse.ArgumentParser) -> None:
         help="the stream is vmstate-only (first or second pass of a two-pass save)",
     )
     p.add_argument("--page-size", type=_page_size, default=4096, help="target page size")
+    p.add_argument(
+        "--nbd-only",
+        action="store_true",
+        help="write pages over NBD instead of through memory shared with the storage "
+        "daemon (its vhost-user-blk export)",
+    )
     p.add_argument("--progress", action="store_true", help="periodic progress on stderr")
     p.add_argument("--json", action="store_true", help="summary as JSON on stderr")
     p.add_argument(
@@ -116,6 +122,7 @@ def _run_save(args: argparse.Namespace) -> int:
             progress=sys.stderr if args.progress else None,
             timeout=args.timeout,
             ahead=ahead,
+            shared_writes=not args.nbd_only,
         )
     except (StreamError, ImageError, SaveError, OSError) as exc:
         return _fail(prog, exc)

@@ -310,6 +310,18 @@ def test_shared_and_nbd_writes_make_identical_images(saved: Saved, tmp_path: Pat
         assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
+def test_save_nbd_only_option(saved: Saved, tmp_path: Path) -> None:
+    image = create(tmp_path / "nbd-only.qcow2")
+    done = qsnap("save", "--json", "--nbd-only", str(image), stdin=saved.teed)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stderr)["shared_writes"] is False
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(saved.image), str(image)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
 def cut(stream: ParsedStream) -> tuple[bytes, bytes]:
     """(vmstate-only, RAM-only) streams: what QEMU's stream-content-list would send."""
     head = stream.data[: stream.prologue_end]
