@@ -270,14 +270,19 @@ class SnapshotImage:
         if self._shared is not None:
             yield from self._shared.reads(located)
             return
+        for data in self._nbd_reads(located):
+            yield Span.whole(data)
+
+    def _nbd_reads(self, requests: Iterable[tuple[int, int]]) -> Iterator[bytearray]:
+        """The data of each (image offset, length) over NBD, ``window`` reads in flight."""
         client = self.client
         pending: collections.deque[int] = collections.deque()
-        for offset, length in located:
+        for offset, length in requests:
             pending.append(client.submit_read(offset, length))
             if len(pending) >= self._window:
-                yield Span.whole(client.wait_read(pending.popleft()))
+                yield client.wait_read(pending.popleft())
         while pending:
-            yield Span.whole(client.wait_read(pending.popleft()))
+            yield client.wait_read(pending.popleft())
 
     # -- writes -------------------------------------------------------------------------
 
@@ -361,14 +366,9 @@ class SnapshotImage:
         yield from self._read_range(region.offset, end, chunk_size)
 
     def _read_range(self, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
-        queue: list[int] = []
-        pos = start
-        while pos < end or queue:
-            while pos < end and len(queue) < self._window:
-                n = min(chunk_size, end - pos)
-                queue.append(self.client.submit_read(pos, n))
-                pos += n
-            yield bytes(self.client.wait_read(queue.pop(0)))
+        chunks = ((pos, min(chunk_size, end - pos)) for pos in range(start, end, chunk_size))
+        for data in self._nbd_reads(chunks):
+            yield bytes(data)
 
     # -- verify -------------------------------------------------------------------------
 

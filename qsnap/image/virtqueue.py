@@ -21,13 +21,13 @@ exceeded", once in some thousands of requests).
 from __future__ import annotations
 
 import mmap
-import platform
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntFlag
 
-ORDERED_HOST = platform.machine() in ("x86_64", "AMD64")
+ORDERED_HOST = os.uname().machine == "x86_64"
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
