@@ -14,7 +14,6 @@ class Span:
 
     The buffer may be memory that a later read reuses (shared with the storage daemon),
     so a span is only valid until the next read of the same sequence is asked for.
-    ``buffer`` has ``find``, which is how page data is tested for zeros in place.
     """
 
     buffer: Readable

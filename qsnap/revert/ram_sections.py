@@ -17,7 +17,6 @@ flags`` packed in one ``struct`` call and interleaved with their pages by C iter
 from __future__ import annotations
 
 import mmap
-import operator
 import struct
 from collections.abc import Iterator
 from itertools import chain, groupby, repeat
@@ -47,18 +46,13 @@ def _slices(view: memoryview, count: int, size: int, stride: int) -> map[memoryv
 
 
 def _zero_pages(span: Span, page_size: int, zero_page: bytes) -> Iterator[bool]:
-    """Whether each page of ``span`` is all zeros, tested in place.
+    """Whether each page of ``span`` (bytes or bytearray) is all zeros, tested in place.
 
-    ``bytes.find`` with a page-long needle preprocesses it on every call (25 times
-    slower than ``startswith``), but an mmap has only ``find``; its own is fast.
+    ``startswith`` is a ``memcmp``; ``bytes.find`` with a page-long needle preprocesses
+    it on every call and is 25 times slower.
     """
-    end = span.start + span.length
-    starts = range(span.start, end, page_size)
-    buffer = span.buffer
-    if isinstance(buffer, mmap.mmap):
-        ends = range(span.start + page_size, end + page_size, page_size)
-        return map(operator.eq, map(buffer.find, repeat(zero_page), starts, ends), starts)
-    return map(buffer.startswith, repeat(zero_page), starts)
+    starts = range(span.start, span.start + span.length, page_size)
+    return map(span.buffer.startswith, repeat(zero_page), starts)  # type: ignore[union-attr]
 
 
 class _SlotViews:
@@ -133,7 +127,11 @@ class RamSectionWriter:
         if span.length % ps:
             raise ValueError(f"page data of {span.length} bytes is not a multiple of {ps}")
         self._begin()
-        zero = _zero_pages(span, ps, self._zero_page)
+        slot = self._slot(span) if isinstance(span.buffer, mmap.mmap) else None
+        if slot is not None:  # an mmap has no startswith; its find is a naive loop in 3.11
+            zero: Iterator[bool] = map(self._zero_page.startswith, slot.pages[: span.length // ps])
+        else:
+            zero = _zero_pages(span, ps, self._zero_page)
         view = span.view()
         index = size = 0
         for is_zero, group in groupby(zero):
@@ -144,15 +142,15 @@ class RamSectionWriter:
                 size += self._zero_records(block, at, count)
             else:
                 self.stats.data_pages += count
-                if isinstance(span.buffer, mmap.mmap):
-                    size += self._slot_records(block, at, span, index, count)
+                if slot is not None:
+                    size += self._slot_records(block, at, slot, index, count)
                 else:
                     size += self._data_records(block, at, view[index * ps : (index + count) * ps])
             index += count
         self._added(size)
 
-    def _slot_records(self, block: str, offset: int, span: Span, index: int, count: int) -> int:
-        """``_data_records`` for pages ``index`` onwards of a shared-memory slot.
+    def _slot(self, span: Span) -> _SlotViews:
+        """The views of the shared-memory slot ``span`` was read into.
 
         Slots are reused for every read, so their page views and a buffer of record words
         (with its views) are made once per slot; the words are valid as long as the pages
@@ -163,6 +161,12 @@ class RamSectionWriter:
         if views is None or len(views.pages) < span.length // self.page_size:
             views = _SlotViews(span, self.page_size)
             self._slot_views[key] = views
+        return views
+
+    def _slot_records(
+        self, block: str, offset: int, views: _SlotViews, index: int, count: int
+    ) -> int:
+        """``_data_records`` for pages ``index`` onwards of a shared-memory slot."""
         ps = self.page_size
         first = self._encoder.page(block, offset, views.pages[index])
         rest = count - 1
