@@ -260,15 +260,17 @@ class SnapshotImage:
         """Whether bulk reads and writes go through memory shared with the daemon."""
         return self._shared is not None
 
-    def read_spans(self, requests: Iterable[tuple[BlockEntry | str, int, int]]) -> Iterator[Span]:
+    def read_spans(
+        self, requests: Iterable[tuple[BlockEntry | str, int, int]], keep: int = 0
+    ) -> Iterator[Span]:
         """The data of each (block, offset, length) in order, several reads in flight.
 
-        A span is valid only until the next one is asked for: with shared reads its
-        memory is handed back to the daemon for a later read.
+        A span is valid only until ``keep + 1`` more have been asked for: with shared
+        reads its memory is then handed back to the daemon for a later read.
         """
         located = ((self._locate(b, off, n), n) for b, off, n in requests)
         if self._shared is not None:
-            yield from self._shared.reads(located)
+            yield from self._shared.reads(located, keep)
             return
         for data in self._nbd_reads(located):
             yield Span.whole(data)

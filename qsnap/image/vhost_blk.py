@@ -175,23 +175,33 @@ class VhostBlkDevice:
 
     # -- reads --------------------------------------------------------------------------
 
-    def reads(self, requests: Iterable[tuple[int, int]]) -> Generator[Span, None, None]:
-        """The data of each (offset, length), in order; a span is valid until the next."""
+    def reads(
+        self, requests: Iterable[tuple[int, int]], keep: int = 0
+    ) -> Generator[Span, None, None]:
+        """The data of each (offset, length), in order.
+
+        A span stays valid until ``keep + 1`` more have been asked for: its slot is then
+        given to a later read.
+        """
         self._check()
+        if not 0 <= keep < self.depth:
+            raise ValueError(f"cannot keep {keep} spans with {self.depth} slots")
         pending: collections.deque[tuple[int, int, int]] = collections.deque()
-        held: list[int] = []  # the slot of the span the caller has
+        held: collections.deque[int] = collections.deque()  # slots of spans the caller has
         try:
             for offset, length in requests:
                 self._check_range("read", offset, length)
+                while len(pending) + len(held) >= self.depth:  # no slot left: hand one out
+                    yield self._complete(*pending.popleft(), held)
+                    if len(held) > keep:
+                        self._free.append(held.popleft())
                 slot = self._slot()
                 self._submit(slot, BlkRequest.IN, offset, length)
                 pending.append((slot, offset, length))
-                if len(pending) == self.depth:
-                    yield self._complete(*pending.popleft(), held)
-                    self._free.append(held.pop())
             while pending:
                 yield self._complete(*pending.popleft(), held)
-                self._free.append(held.pop())
+                if len(held) > keep:
+                    self._free.append(held.popleft())
         finally:
             self._free.extend(held)
             self._settle(pending)
@@ -206,7 +216,7 @@ class VhostBlkDevice:
                 self._done.remove(slot)
                 self._free.append(slot)
 
-    def _complete(self, slot: int, offset: int, length: int, held: list[int]) -> Span:
+    def _complete(self, slot: int, offset: int, length: int, held: collections.deque[int]) -> Span:
         """The span of a finished read; its slot goes to ``held`` until the caller is done."""
         while slot not in self._done:
             self._wait()

@@ -152,9 +152,14 @@ def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
             rp.start()
             return sender.run()
         sink.grow_pipe(PRECOPY_PIPE_SIZE)
+        if opened.shares_memory:
+            sink.splice_pages()
         if rp is not None:
             rp.start()
-        return revert_precopy(source, sink, rp, options, stats)
+        try:
+            return revert_precopy(source, sink, rp, options, stats)
+        finally:
+            stats.pipe_writes = "spliced" if sink.splicing else "copied"
     finally:
         source.close()
 

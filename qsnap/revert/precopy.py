@@ -8,6 +8,7 @@ source ends a stream.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 from qsnap.revert.ram_sections import RamSectionWriter
@@ -76,23 +77,32 @@ def revert_precopy(
 
     sink.write([*opening(source, rp is not None), source.ram_start])
     runs = all_runs(scheduler, options.read_bytes)
+    keep = 1 if sink.splicing else 0  # spliced pages must outlive the next span's splice
     reads = source.read_many(
         (
-            blocks[r.block].name,
-            r.first * blocks[r.block].host_page_size,
-            r.count * blocks[r.block].host_page_size,
-        )
-        for r in runs
-        if not r.zero
+            (
+                blocks[r.block].name,
+                r.first * blocks[r.block].host_page_size,
+                r.count * blocks[r.block].host_page_size,
+            )
+            for r in runs
+            if not r.zero
+        ),
+        keep,
     )
+    spliced: deque[int] = deque()  # where each kept span's records end in the stream
     for run in runs:
         block = blocks[run.block]
         offset = run.first * block.host_page_size
         if run.zero:
             ram.zeros(block.name, offset, run.count * block.host_page_size // tps)
         else:
+            if len(spliced) > keep:  # the next read reuses that span's memory
+                sink.wait_consumed(spliced.popleft())
             ram.pages(block.name, offset, next(reads))
             ram.push()  # the span is only valid until the next read is asked for
+            if keep:
+                spliced.append(sink.bytes_written)
         progress.update(stats)
         abort.check()
     ram.close_section()

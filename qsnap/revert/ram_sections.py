@@ -23,6 +23,7 @@ from itertools import chain, groupby, repeat
 
 from qsnap.image.span import Span
 from qsnap.revert.sink import StreamSink
+from qsnap.revert.splice import Spliced, SpliceTable
 from qsnap.revert.stats import RevertStats
 from qsnap.stream.constants import RamFlag, SectionType
 from qsnap.stream.wire import RamEncoder, encode_footer
@@ -56,17 +57,26 @@ def _zero_pages(span: Span, page_size: int, zero_page: bytes) -> Iterator[bool]:
 
 
 class _SlotViews:
-    """Views of one shared-memory slot's pages, and a buffer with a record word per page."""
+    """Views of one shared-memory slot's pages, and a buffer with a record word per page.
 
-    def __init__(self, span: Span, page_size: int) -> None:
+    When the sink splices, the words and the records' iovecs live in a
+    :class:`SpliceTable`, and a run of records is handed over as one :class:`Spliced`.
+    """
+
+    def __init__(self, span: Span, page_size: int, splice: bool) -> None:
         count = span.length // page_size
         self.pages = list(_slices(span.view(), count, page_size, page_size))
-        self.words = bytearray(count * _WORD)
-        self._words = list(_slices(memoryview(self.words), count, _WORD, _WORD))
+        self.table = SpliceTable(span, page_size) if splice else None
+        self.words = (
+            self.table.words if self.table is not None else memoryview(bytearray(count * _WORD))
+        )
+        self._words = list(_slices(self.words, count, _WORD, _WORD))
         self._mixed: list[memoryview] = [memoryview(b"")] * (2 * count)
 
-    def interleaved(self, first: int, count: int) -> list[memoryview]:
+    def records(self, first: int, count: int) -> list[memoryview] | list[Spliced]:
         """The word and the page of pages ``first``, ``first + 1``, ... (``count`` of them)."""
+        if self.table is not None:
+            return [self.table.records(first, count)]
         mixed = self._mixed[: 2 * count]
         mixed[0::2] = self._words[first : first + count]
         mixed[1::2] = self.pages[first : first + count]
@@ -91,7 +101,7 @@ class RamSectionWriter:
         self.part_bytes = part_bytes
         self._encoder = RamEncoder(page_size)
         self._zero_page = bytes(page_size)
-        self._parts: list[bytes | bytearray | memoryview] = []
+        self._parts: list[bytes | bytearray | memoryview | Spliced] = []
         self._slot_views: dict[tuple[int, int], _SlotViews] = {}
         self._pending = 0
         self._section_size = 0
@@ -158,8 +168,13 @@ class RamSectionWriter:
         """
         key = (id(span.buffer), span.start)
         views = self._slot_views.get(key)
-        if views is None or len(views.pages) < span.length // self.page_size:
-            views = _SlotViews(span, self.page_size)
+        splice = self.sink.splicing
+        if (
+            views is None
+            or len(views.pages) < span.length // self.page_size
+            or (views.table is not None) != splice
+        ):
+            views = _SlotViews(span, self.page_size, splice)
             self._slot_views[key] = views
         return views
 
@@ -176,8 +191,8 @@ class RamSectionWriter:
             (index + 1) * _WORD,
             *range((offset + ps) | _CONTINUE_PAGE, offset + count * ps, ps),
         )
-        records: list[bytes | bytearray | memoryview] = [first, *views.interleaved(index + 1, rest)]
-        self._parts += records
+        self._parts.append(first)
+        self._parts += views.records(index + 1, rest)
         return len(first) + rest * (_WORD + ps)
 
     def _zero_records(self, block: str, offset: int, count: int) -> int:

@@ -71,10 +71,11 @@ class RevertSource(Protocol):
     def read(self, block: str, offset: int, length: int) -> bytes | bytearray:
         """``length`` bytes of ``block`` at ``offset`` (not to be modified)."""
 
-    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[Span]:
+    def read_many(self, requests: Iterable[tuple[str, int, int]], keep: int = 0) -> Iterator[Span]:
         """The data of each (block, offset, length), in order, several reads in flight.
 
-        A span is valid only until the next one is asked for (its memory may be reused).
+        A span is valid only until ``keep + 1`` more have been asked for (its memory may
+        then be reused).
         """
 
     def device_state(self, sections_only: bool) -> Iterator[bytes]:
@@ -162,8 +163,8 @@ class ImageSource:
     def read(self, block: str, offset: int, length: int) -> bytearray:
         return self.image.read(block, offset, length)
 
-    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[Span]:
-        return self.image.read_spans(requests)
+    def read_many(self, requests: Iterable[tuple[str, int, int]], keep: int = 0) -> Iterator[Span]:
+        return self.image.read_spans(requests, keep)
 
     def device_state(self, sections_only: bool) -> Iterator[bytes]:
         return self.image.device_state(sections_only=sections_only)

@@ -35,6 +35,8 @@ class RevertStats:
     latencies_ns: array[int] = field(default_factory=lambda: array("q"))
     page_reads: str = "nbd"
     """How page data came from the storage daemon: "nbd" or "shared memory"."""
+    pipe_writes: str = "copied"
+    """How shared-memory pages went into the stream: "spliced" (by reference) or "copied"."""
 
     def mark(self) -> int:
         """Nanoseconds since the start."""
@@ -55,6 +57,7 @@ class RevertStats:
             "seconds": round(seconds, 3),
             "mib_per_s": round(self.bytes_written / 2**20 / seconds, 1) if seconds else 0.0,
             "page_reads": self.page_reads,
+            "pipe_writes": self.pipe_writes,
         }
         if self.listen_ns is not None:
             result.update(

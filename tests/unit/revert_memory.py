@@ -7,6 +7,7 @@ are never read.
 
 from __future__ import annotations
 
+import collections
 import json
 import mmap
 from collections.abc import Iterable, Iterator, Sequence
@@ -69,17 +70,23 @@ class MemorySource:
         self.reads.append((block, offset, length))
         return self.data[block][offset : offset + length]
 
-    def read_many(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[Span]:
-        """Spans of one reused mmap, scribbled over once the next span is asked for, as
-        the memory shared with the storage daemon is reused by its next read."""
-        scratch = mmap.mmap(-1, 1 << 20)
+    def read_many(self, requests: Iterable[tuple[str, int, int]], keep: int = 0) -> Iterator[Span]:
+        """Spans of ``keep + 1`` reused mmaps, each scribbled over once ``keep + 1`` more
+        spans were asked for, as the memory shared with the storage daemon is reused."""
+        free = [mmap.mmap(-1, 1 << 20) for _ in range(keep + 1)]
+        held: collections.deque[mmap.mmap] = collections.deque()
         for block, offset, length in requests:
             data = self.read(block, offset, length)
-            if len(scratch) < length:
-                scratch = mmap.mmap(-1, length)
-            scratch[:length] = data
-            yield Span(scratch, 0, length)
-            scratch[:] = b"\xa5" * len(scratch)
+            if len(held) > keep:
+                released = held.popleft()
+                released[:] = b"\xa5" * len(released)
+                free.append(released)
+            slot = free.pop()
+            if len(slot) < length:
+                slot = mmap.mmap(-1, length)
+            slot[:length] = data
+            held.append(slot)
+            yield Span(slot, 0, length)
 
     def device_state(self, sections_only: bool) -> Iterator[bytes]:
         assert not self.closed, "read after close"
