@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import signal
@@ -179,6 +178,8 @@ def _run_info(args: argparse.Namespace) -> int:
     except ImageError as exc:
         return _fail("qsnap info", exc)
     if args.json:
+        import json
+
         print(json.dumps(header_dict(header, size), indent=2))
     else:
         print(header_text(header, size))

@@ -5,9 +5,9 @@ Only :mod:`qsnap.image.layout` knows the format; the other modules move bytes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from qsnap.lazy_exports import lazy_getattr
+
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from qsnap.image.errors import (

@@ -81,11 +81,14 @@ class SnapshotImage:
         window: int = 8,
         shared_reads: bool = False,
         shared_writes: bool = False,
+        daemon: StorageDaemon | None = None,
     ) -> None:
         self.spec = spec
         self.writable = writable
         shared = (shared_writes if writable else shared_reads) and ORDERED_HOST
-        self._daemon = StorageDaemon(spec, writable=writable, vhost_user=shared)
+        if daemon is not None and (daemon.writable != writable or daemon.vhost_user != shared):
+            raise ValueError("the daemon was launched for other access to the image")
+        self._daemon = daemon or StorageDaemon(spec, writable=writable, vhost_user=shared)
         self._window = window
         self._client: NbdClient | None = None
         self._shared: VhostBlkDevice | None = None
@@ -100,12 +103,16 @@ class SnapshotImage:
         window: int = 8,
         shared_reads: bool = False,
         shared_writes: bool = False,
+        daemon: StorageDaemon | None = None,
     ) -> SnapshotImage:
         """Start the daemon and connect; use the result as a context manager.
 
         ``shared_reads`` (read-only images): serve :meth:`read_spans` through a
         vhost-user-blk export where the daemon and the host allow it, else over NBD.
         ``shared_writes`` (writable images): the same for :meth:`submit_writev`.
+        ``daemon``: one already launched (:meth:`StorageDaemon.launch`) for this spec
+        and access (vhost_user when shared memory is asked for and ORDERED_HOST), which
+        the image then owns.
         """
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
         image = cls(
@@ -114,6 +121,7 @@ class SnapshotImage:
             window=window,
             shared_reads=shared_reads,
             shared_writes=shared_writes,
+            daemon=daemon,
         )
         try:
             image._start()
@@ -124,7 +132,10 @@ class SnapshotImage:
 
     def _start(self) -> None:
         try:
-            self._daemon.start()
+            if self._daemon.launched:
+                self._daemon.wait_ready()
+            else:
+                self._daemon.start()
         except ImageError as exc:
             if not self._daemon.vhost_user or "vhost" not in str(exc):
                 raise

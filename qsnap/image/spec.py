@@ -10,12 +10,14 @@ read-only for ``info``/``verify``; the JSON form is passed through as given.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from qsnap.image.errors import ImageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMAT_NODE = "qsnap-fmt"
 PROTOCOL_NODE = "qsnap-proto"
@@ -50,6 +52,8 @@ class BlockdevSpec:
     def filename(self) -> str | None:
         """The host file behind the image, when the spec names one (for messages)."""
         if self.json_options is not None:
+            import json  # only json: specs need it (start-up)
+
             obj = json.loads(self.json_options)
             file = obj.get("file")
             if isinstance(file, dict) and isinstance(file.get("filename"), str):
@@ -60,6 +64,8 @@ class BlockdevSpec:
     def qsd_blockdev_args(self, *, read_only: bool) -> list[str]:
         """The ``--blockdev`` arguments; the top node is always named ``FORMAT_NODE``."""
         if self.json_options is not None:
+            import json
+
             obj: dict[str, Any] = json.loads(self.json_options)
             obj.setdefault("driver", DEFAULT_DRIVER)
             obj["node-name"] = FORMAT_NODE
@@ -121,6 +127,8 @@ def parse_spec(text: str) -> BlockdevSpec:
     if not text:
         raise SpecError("empty image spec")
     if text.startswith(_JSON_PREFIX):
+        import json
+
         try:
             obj = json.loads(text[len(_JSON_PREFIX) :])
         except json.JSONDecodeError as exc:

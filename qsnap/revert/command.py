@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import stat
 import sys
 from collections.abc import Sequence
 
 from qsnap.image.errors import ImageError
-from qsnap.image.snapshot import SnapshotImage
-from qsnap.image.spec import parse_spec
 from qsnap.revert.errors import RevertError
-from qsnap.revert.precopy import revert_precopy
-from qsnap.revert.return_path import ReturnPath
-from qsnap.revert.session import AbortCheck, RevertOptions, Terminated, revert_signals
-from qsnap.revert.sink import StreamSink
-from qsnap.revert.source import ImageSource
-from qsnap.revert.stats import RevertStats
+from qsnap.revert.signals import Terminated, revert_signals
+
+# Most of qsnap is imported only once the storage daemon is starting: QEMU waits for
+# the first bytes of a revert, and the daemon needs some 20 ms to set up its exports.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qsnap.image.daemon import StorageDaemon
+    from qsnap.revert.sink import StreamSink
+    from qsnap.revert.stats import RevertStats
 
 PROG = "qsnap revert"
 PRECOPY_PIPE_SIZE = 1 << 20
@@ -117,17 +117,37 @@ def _stdin_is_channel() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
-    """Run the revert described by ``args``; RevertError or ImageError on failure."""
+def launch_daemon(args: argparse.Namespace) -> StorageDaemon:
+    """Check the arguments and start the storage daemon, without waiting for it."""
+    from qsnap.image.daemon import StorageDaemon
+    from qsnap.image.spec import parse_spec
+    from qsnap.image.virtqueue import ORDERED_HOST
+
     image = args.image or getattr(args, "image_after_postcopy", None)
     if image is None or (args.image and getattr(args, "image_after_postcopy", None)):
         raise RevertError("exactly one IMAGE is needed")
-    if os.isatty(sink.fd):
+    if os.isatty(1):
         raise RevertError("stdout is a terminal: run this from QEMU (exec:) or redirect it")
+    if args.postcopy is not None and (args.no_return_path or not _stdin_is_channel()):
+        raise RevertError("--postcopy needs QEMU's return path on stdin (a pipe)")
+    shared = args.postcopy is None and not args.nbd_only and ORDERED_HOST
+    daemon = StorageDaemon(parse_spec(image), writable=False, vhost_user=shared)
+    daemon.launch()
+    return daemon
+
+
+def revert(args: argparse.Namespace, sink: StreamSink, daemon: StorageDaemon) -> RevertStats:
+    """Run the revert described by ``args`` with a launched ``daemon`` (which it stops);
+    RevertError or ImageError on failure."""
+    from qsnap.image.snapshot import SnapshotImage
+    from qsnap.revert.precopy import revert_precopy
+    from qsnap.revert.return_path import ReturnPath
+    from qsnap.revert.session import AbortCheck, RevertOptions
+    from qsnap.revert.source import ImageSource
+    from qsnap.revert.stats import RevertStats
+
     postcopy = args.postcopy is not None
     use_rp = not args.no_return_path and _stdin_is_channel()
-    if postcopy and not use_rp:
-        raise RevertError("--postcopy needs QEMU's return path on stdin (a pipe)")
     options = RevertOptions(
         postcopy_pct=args.postcopy,
         shut_timeout=args.timeout,
@@ -137,8 +157,9 @@ def revert(args: argparse.Namespace, sink: StreamSink) -> RevertStats:
     )
     sink.stall_timeout = options.stall_timeout
     stats = RevertStats()
-    shared = not postcopy and not args.nbd_only
-    opened = SnapshotImage.open(parse_spec(image), shared_reads=shared)
+    opened = SnapshotImage.open(
+        daemon.spec, shared_reads=not postcopy and not args.nbd_only, daemon=daemon
+    )
     stats.page_reads = "shared memory" if opened.shares_memory else "nbd"
     source = ImageSource(opened)
     try:
@@ -173,18 +194,27 @@ are not a stream header, so QEMU fails at once ("Not a migration stream").
 """
 
 
-def _refuse(sink: StreamSink) -> None:
-    if sink.bytes_written == 0 and sink.pollable:
+def _refuse(sink: StreamSink | None) -> None:
+    if sink is None:
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.fstat(1).st_mode) or stat.S_ISSOCK(os.fstat(1).st_mode):
+                os.write(1, REFUSED)
+    elif sink.bytes_written == 0 and sink.pollable:
         with contextlib.suppress(OSError, RevertError):
             sink.write([REFUSED])
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of the subcommand: one summary or error line on stderr, exit status."""
-    sink = StreamSink(1)
+    sink: StreamSink | None = None
+    daemon: StorageDaemon | None = None
     try:
         with revert_signals():
-            stats = revert(args, sink)
+            daemon = launch_daemon(args)
+            from qsnap.revert.sink import StreamSink
+
+            sink = StreamSink(1)
+            stats = revert(args, sink, daemon)
     except (RevertError, ImageError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         _refuse(sink)
@@ -192,9 +222,17 @@ def run(args: argparse.Namespace) -> int:
     except Terminated:
         print(f"{PROG}: error: terminated by SIGTERM", file=sys.stderr, flush=True)
         return 1
+    except Exception:
+        _refuse(sink)  # a bug must not leave QEMU waiting for a stream for ever
+        raise
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
+        if daemon is not None:
+            daemon.stop()  # already stopped unless the image was never opened
     if args.json:
+        import json
+
         print(json.dumps({"status": "ok", **stats.as_dict()}), file=sys.stderr, flush=True)
     else:
         print(f"{PROG}: {stats.summary()}", file=sys.stderr, flush=True)

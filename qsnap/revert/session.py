@@ -10,14 +10,11 @@ what the return path said.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-from collections.abc import Iterator
 from dataclasses import dataclass
-from types import FrameType
 
 from qsnap.revert.errors import RevertError
 from qsnap.revert.return_path import Outcome, ReturnPath
+from qsnap.revert.signals import Terminated
 from qsnap.revert.sink import Buffer, StreamSink
 from qsnap.revert.source import RevertSource
 
@@ -45,30 +42,6 @@ class RevertOptions:
     max_bandwidth: int = 0
     """Postcopy: bytes of guest RAM per second the background push may cover (zero pages
     included; 0: no limit).  Requests are never throttled."""
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived (QEMU closing the ``exec:`` channel, or the user)."""
-
-
-@contextlib.contextmanager
-def revert_signals() -> Iterator[None]:
-    """For the duration of a revert: SIGTERM raises ``Terminated``, SIGPIPE is ignored.
-
-    With SIGPIPE ignored a vanished QEMU shows up as EPIPE on the write that found it,
-    which the sink reports as such.
-    """
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated
-
-    previous_term = signal.signal(signal.SIGTERM, handler)
-    previous_pipe = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGPIPE, previous_pipe)
 
 
 class AbortCheck:

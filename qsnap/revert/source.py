@@ -11,13 +11,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from qsnap.image import layout
 from qsnap.image.snapshot import SnapshotImage
 from qsnap.image.span import Span
 from qsnap.revert.errors import RevertError
 from qsnap.revert.scheduler import BlockGeometry
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object  # only mypy checks the protocol; importing typing costs start-up
 
 HOST_PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 

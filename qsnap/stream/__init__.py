@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from qsnap.lazy_exports import lazy_getattr
+
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from .constants import (

@@ -11,12 +11,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NoReturn, TypeAlias
 
 from .constants import RECV_BITMAP_ENDING, ReturnPathType
 from .cursor import Cursor, NeedMore
 from .errors import StreamError
 from .text import encode_str8
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn, TypeAlias
 
 MAX_MESSAGE = 512
 """QEMU's source reads a message into a 512-byte buffer and rejects longer ones."""

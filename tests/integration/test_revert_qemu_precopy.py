@@ -37,7 +37,8 @@ def test_paused_guest_memory_and_device_state(vms: VMFactory, tmp_path: Path) ->
         proc = qsnap("revert", "--json", os.fspath(image), stdout=out)
     assert proc.returncode == 0, proc.stderr
     shared = "shared memory" if ORDERED_HOST else "nbd"  # see qsnap.image.virtqueue
-    assert json.loads(proc.stderr)["page_reads"] == shared
+    summary = json.loads(proc.stderr)
+    assert (summary["page_reads"], summary["pipe_writes"]) == (shared, "copied")  # a file
     assert analyze.diff_state(analyze.device_state(raw), analyze.device_state(captured)) == []
     diff = memory.compare(reference, memory.reference_from_file(captured))
     assert diff.matches, diff.summary()
@@ -50,6 +51,13 @@ def test_paused_guest_memory_and_device_state(vms: VMFactory, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stderr)["page_reads"] == "nbd"
     assert over_nbd.read_bytes() == captured.read_bytes()
+
+    # Into a pipe, shared-memory pages go by reference (vmsplice): the same stream.
+    piped = qsnap("revert", "--json", os.fspath(image))
+    assert piped.returncode == 0, piped.stderr
+    spliced = "spliced" if ORDERED_HOST else "copied"
+    assert json.loads(piped.stderr)["pipe_writes"] == spliced
+    assert piped.stdout == captured.read_bytes()
 
     # the same image again, then a copy made by qemu-img with other clusters (64 KiB)
     converted = tmp_path / "converted copy.qcow2"
