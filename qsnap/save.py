@@ -10,18 +10,16 @@ is streamed to the device-state region.  Nothing is ever written to stdout: unde
 
 from __future__ import annotations
 
+import collections
 import ctypes
-import json
 import logging
 import os
-import platform
 import resource
 import select
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
 
 from qsnap.image.errors import ImageError, NbdError
 from qsnap.image.layout import BlockEntry, Header, pass_names
@@ -33,6 +31,10 @@ from qsnap.stream import StreamError, StreamOptions, StreamReader
 from qsnap.stream import records as r
 from qsnap.stream.constants import RAM_IDSTR
 from qsnap.stream.reader import RamPageRun, RamZeroRun
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +259,11 @@ def _keep_buffers_mapped() -> None:
     every stdin read faulted fresh pages in again: ~0.2 CPU s per GiB of stream.  With
     these thresholds the few buffers in flight are reused (bounded by the read-ahead).
     """
-    if platform.libc_ver()[0] != "glibc":
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):  # not a name this libc knows
+        version = ""
+    if not version.startswith("glibc"):
         return
     try:
         libc = ctypes.CDLL(None)
@@ -286,17 +292,25 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     received = 0
-    early: list[bytes] = []
+    early: collections.deque[bytes] = collections.deque()
     ended = False
 
     def read(n: int) -> bytes:
-        nonlocal received, ahead, early, ended
+        nonlocal received, ahead, ended
         if ahead is not None:
-            early, ended = ahead.take()
-            early.reverse()
+            taken, ended = ahead.take()
+            early.extend(taken)
             ahead = None
         if early:
-            data = early.pop()
+            # Tens of MiB may have come in during start-up: keep the pipe drained while
+            # they are parsed, or QEMU stalls on it once it is full.
+            if not ended and poller.poll(0):
+                more = os.read(fd, n)
+                if more:
+                    early.append(more)
+                else:
+                    ended = True
+            data = early.popleft()
             received += len(data)
             return data
         if ended:
@@ -360,6 +374,8 @@ def save(
 def report(result: SaveResult, *, as_json: bool, out: TextIO) -> None:
     """The end-of-save summary, on stderr (stdout belongs to QEMU)."""
     if as_json:
+        import json  # only for --json (start-up: QEMU starts one qsnap per save)
+
         print(json.dumps(result.summary(), sort_keys=True), file=out)
     else:
         print(f"qsnap save: {result.line()}", file=out)

@@ -15,7 +15,6 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import NoReturn, cast
 
 from . import records as r
 from .constants import (
@@ -38,6 +37,10 @@ from .device_tail import DeviceStateEnd, DeviceStateEndTracker
 from .errors import StreamError
 from .options import StreamOptions, check_page_size
 from .text import decode_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +255,8 @@ class StreamReader:
         if self._leftover:
             leftover, self._leftover = self._leftover, []
             return iter(leftover)
+        from typing import cast  # here, not at import: start-up of a save
+
         return cast(Iterator[r.Record], chain.from_iterable(self._segments()))
 
     def batches(self) -> Iterator[Batch]:
@@ -300,6 +305,8 @@ class StreamReader:
         if not self._closed:
             self._closed = True
             # Records not drained yet stay available to records().
+            from typing import cast
+
             self._leftover.extend(cast(Iterator[r.Record], chain.from_iterable(self._segments())))
         self._unbridge()
         end = self._base + len(self._buf)

@@ -103,3 +103,24 @@ def test_a_read_error_is_raised_at_the_hand_over() -> None:
     ahead._thread.join(10)
     with pytest.raises(IsADirectoryError):
         ahead.take()
+
+
+def test_the_pipe_is_drained_while_the_start_up_backlog_is_parsed() -> None:
+    """QEMU goes on writing while qsnap parses what came in during start-up: the reads
+    that hand out that backlog also take from the pipe, so the writer is not stalled
+    until the backlog is gone (it would stall: 3 MiB do not fit in the 1 MiB pipe)."""
+    with pipe() as (r, w):
+        ahead = ReadAhead.start(r, limit=4 << 20)
+        writer(w, b"a" * (4 << 20), close=False).join(10)
+        wait_for(ahead, 4 << 20)
+        more = writer(w, b"b" * (3 << 20), close=True)
+        read = _stdin_reader(5.0, ahead)
+        got = b""
+        while not got.endswith(b"b") and more.is_alive():
+            got += read(1 << 20)
+            time.sleep(0.01)  # parsing the chunk
+        assert not more.is_alive(), "the writer still waits for the pipe"
+        assert not got.endswith(b"b"), "the backlog was handed out before the writer ended"
+        while chunk := read(1 << 20):
+            got += chunk
+        assert got == b"a" * (4 << 20) + b"b" * (3 << 20)
