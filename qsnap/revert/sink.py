@@ -85,12 +85,7 @@ class StreamSink:
         """
         deadline = time.monotonic() + self.stall_timeout
         while self.bytes_written - self.unread() < position:
-            if self.abort_check is not None:
-                reason = self.abort_check()
-                if reason is not None:
-                    raise RevertError(reason)
-            if time.monotonic() > deadline:
-                raise RevertError(f"QEMU has read nothing for {self.stall_timeout:g} s; giving up")
+            self._still_waiting(deadline)
             time.sleep(0.0001)
 
     def close(self) -> None:
@@ -106,12 +101,16 @@ class StreamSink:
                 if events[0][1] & (select.POLLERR | select.POLLHUP):
                     raise RevertError("QEMU closed the migration stream (its end of the pipe)")
                 return
-            if self.abort_check is not None:
-                reason = self.abort_check()
-                if reason is not None:
-                    raise RevertError(reason)
-            if time.monotonic() > deadline:
-                raise RevertError(f"QEMU has read nothing for {self.stall_timeout:g} s; giving up")
+            self._still_waiting(deadline)
+
+    def _still_waiting(self, deadline: float) -> None:
+        """Raise if the destination has given up, or QEMU stalled past ``deadline``."""
+        if self.abort_check is not None:
+            reason = self.abort_check()
+            if reason is not None:
+                raise RevertError(reason)
+        if time.monotonic() > deadline:
+            raise RevertError(f"QEMU has read nothing for {self.stall_timeout:g} s; giving up")
 
     def write(self, parts: Sequence[Buffer | Spliced]) -> None:
         """Write every byte of ``parts`` in order: buffers, and runs of page records.
