@@ -18,15 +18,6 @@ import os
 import select
 import stat
 import threading
-import time
-import atexit
-_LOG: list = []
-_T0 = time.monotonic()
-def _dump():
-    if os.environ.get("QSNAP_READLOG"):
-        with open(os.environ["QSNAP_READLOG"], "a") as f:
-            f.write(repr((_T0, _LOG)) + "\n")
-atexit.register(_dump)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +69,6 @@ class ReadAhead:
                     return
                 self._chunks.append(data)
                 self._size += len(data)
-                _LOG.append((time.monotonic(), len(data)))
         except OSError as exc:
             self._error = exc
 
