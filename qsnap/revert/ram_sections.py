@@ -67,9 +67,10 @@ class _SlotViews:
         count = span.length // page_size
         self.pages = list(_slices(span.view(), count, page_size, page_size))
         self.table = SpliceTable(span, page_size) if splice else None
-        self.words = (
-            self.table.words if self.table is not None else memoryview(bytearray(count * _WORD))
-        )
+        if self.table is not None:
+            self.words = self.table.words
+            return
+        self.words = memoryview(bytearray(count * _WORD))
         self._words = list(_slices(self.words, count, _WORD, _WORD))
         self._mixed: list[memoryview] = [memoryview(b"")] * (2 * count)
 
