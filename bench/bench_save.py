@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +56,30 @@ def snapshot(vm: VM, command: str, status: Path, timeout: float) -> Timing:
     return Timing(result.info["total-time"] / 1000, elapsed)
 
 
+def paused_pattern_guest(memory_mib: int, log_dir: Path, timeout: float) -> VM:
+    """The pattern guest, launched, filled and paused (the caller shuts it down)."""
+    vm = VM(name="bench", memory_mib=memory_mib, log_dir=log_dir)
+    try:
+        PatternGuest.build().configure(vm)
+        vm.launch()
+        vm.wait_console(PatternGuest.MARKER.decode(), timeout=timeout)
+        vm.stop()
+    except BaseException:
+        vm.shutdown()
+        raise
+    return vm
+
+
+def fresh_image(image: Path, memory_mib: int) -> None:
+    """A new, empty ``qsnap create`` image for a guest of ``memory_mib``."""
+    image.unlink(missing_ok=True)
+    subprocess.run(
+        [QSNAP, "create", str(image), "--ram-size", f"{memory_mib}M"],
+        check=True,
+        capture_output=True,
+    )
+
+
 def best(timings: list[Timing]) -> Timing:
     return Timing(min(t.source for t in timings), min(t.exited for t in timings))
 
@@ -67,12 +92,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-save-") as tmp_dir:
         tmp = Path(tmp_dir)
-        vm = VM(name="bench", memory_mib=args.memory_mib, log_dir=tmp)
+        vm = paused_pattern_guest(args.memory_mib, tmp, args.timeout)
         try:
-            PatternGuest.build().configure(vm)
-            vm.launch()
-            vm.wait_console(PatternGuest.MARKER.decode(), timeout=args.timeout)
-            vm.stop()
             times: dict[str, list[Timing]] = {"cat": [], "cat+sync": [], "qsnap": []}
             raw = tmp / "raw.bin"
             image = tmp / "snap.qcow2"
@@ -86,9 +107,7 @@ def main() -> int:
                     times[kind].append(snapshot(vm, command, tmp / "rc", args.timeout))
                     stream_bytes = raw.stat().st_size
                     raw.unlink()
-                image.unlink(missing_ok=True)
-                os.system(f"{shlex.quote(QSNAP)} create {shlex.quote(str(image))} "
-                          f"--ram-size {args.memory_mib}M >/dev/null")  # fmt: skip
+                fresh_image(image, args.memory_mib)
                 err = tmp / "save.json"
                 cmd = (f"{shlex.quote(QSNAP)} save --json {shlex.quote(str(image))} "
                        f"2>{shlex.quote(str(err))}")  # fmt: skip

@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_save import QSNAP, snapshot
-
-from qsnap.harness.guests import PatternGuest
-from qsnap.harness.vm import VM
+from bench_save import QSNAP, fresh_image, paused_pattern_guest, snapshot
 
 READINTO = (
     "import os, fcntl; fcntl.fcntl(0, fcntl.F_SETPIPE_SZ, 1 << 20); buf = bytearray(1 << 20)\n"
@@ -53,20 +49,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-consumers-") as tmp_dir:
         tmp = Path(tmp_dir)
         scratch, image = tmp / "stream.bin", tmp / "snap.qcow2"
-        vm = VM(name="bench", memory_mib=args.memory_mib, log_dir=tmp)
+        vm = paused_pattern_guest(args.memory_mib, tmp, args.timeout)
         try:
-            PatternGuest.build().configure(vm)
-            vm.launch()
-            vm.wait_console(PatternGuest.MARKER.decode(), timeout=args.timeout)
-            vm.stop()
             for _ in range(args.rounds):
                 for command in args.commands:
-                    image.unlink(missing_ok=True)
-                    subprocess.run(
-                        [QSNAP, "create", str(image), "--ram-size", f"{args.memory_mib}M"],
-                        check=True,
-                        capture_output=True,
-                    )
+                    fresh_image(image, args.memory_mib)
                     timing = snapshot(vm, expand(command, scratch, image), tmp / "rc", args.timeout)
                     times[command].append(timing.source)
                     scratch.unlink(missing_ok=True)

@@ -258,9 +258,7 @@ class VhostBlkDevice:
         """Wait for every write in flight; raise the first failure (once each)."""
         self._check()
         while True:
-            self._reap()
-            if self._failed:
-                raise self._failed.popleft()
+            self._reap_failures()
             if not self._writes:
                 return
             self._wait()
@@ -297,6 +295,12 @@ class VhostBlkDevice:
         if self._broken:
             raise VhostUserError(f"vhost-user-blk connection unusable: {self._broken}")
 
+    def _reap_failures(self) -> None:
+        """Collect finished requests; raise the first write failure not reported yet."""
+        self._reap()
+        if self._failed:
+            raise self._failed.popleft()
+
     def _check_range(self, what: str, offset: int, length: int) -> None:
         if offset < 0 or offset % SECTOR or length % SECTOR or not 0 < length <= self.slot_size:
             raise ValueError(f"{what} at {offset:#x}+{length:#x}: not whole sectors in one slot")
@@ -305,9 +309,7 @@ class VhostBlkDevice:
         """A free slot, waiting for a write to finish if need be (raising its failure)."""
         self._check()
         while True:
-            self._reap()
-            if self._failed:
-                raise self._failed.popleft()
+            self._reap_failures()
             if self._free:
                 return self._free.pop()
             if not self._writes:
