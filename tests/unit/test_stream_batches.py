@@ -28,13 +28,14 @@ class RunStream:
     data: bytes
     pages: list[Item]  # ("page", block, offset, bytes) / ("zero", block, offset)
     runs: list[Item]  # (kind, block, first offset, count): maximal runs
+    fields: list[int]  # where each RAM record's header and each zero record's fill byte are
 
 
 @st.composite
-def run_streams(draw: st.DrawFn) -> RunStream:
+def run_streams(draw: st.DrawFn, max_pages: int = 48) -> RunStream:
     """A RAM stream made of runs of consecutive pages, cut into PART sections."""
     names = draw(st.lists(st.sampled_from(["pc.ram", "vga", "rom"]), min_size=1, unique=True))
-    sizes = {n: draw(st.integers(1, 48)) for n in names}
+    sizes = {n: draw(st.integers(1, max_pages)) for n in names}
     out = [
         encode(r.StreamHeader()),
         encode(r.Configuration("pc-i440fx-10.0")),
@@ -46,9 +47,11 @@ def run_streams(draw: st.DrawFn) -> RunStream:
     ram = RamEncoder(PAGE)
     pages: list[Item] = []
     runs: list[Item] = []
+    fields: list[int] = []
     serial = 0
     for _ in range(draw(st.integers(0, 6))):
         out.append(encode(r.SectionPart(SECTION)))
+        size = sum(map(len, out))
         extendable = False  # a run never crosses a section boundary
         for _ in range(draw(st.integers(1, 4))):
             name = draw(st.sampled_from(names))
@@ -57,6 +60,7 @@ def run_streams(draw: st.DrawFn) -> RunStream:
             kind = draw(st.sampled_from(["page", "zero"]))
             for index in range(first, first + count):
                 offset = index * PAGE
+                at = size
                 if kind == "page":
                     serial += 1
                     data = serial.to_bytes(4, "big") * (PAGE // 4)
@@ -65,6 +69,9 @@ def run_streams(draw: st.DrawFn) -> RunStream:
                 else:
                     out.append(ram.zero(name, offset))
                     pages.append(("zero", name, offset))
+                    fields.append(at + len(out[-1]) - 1)
+                fields.extend(range(at, at + 8))
+                size += len(out[-1])
                 prev = runs[-1] if runs else None
                 if (
                     extendable
@@ -78,7 +85,7 @@ def run_streams(draw: st.DrawFn) -> RunStream:
                 extendable = True
         out += [encode(r.RamEos()), encode_footer(SECTION)]
     out.append(encode(r.Eof()))
-    return RunStream(b"".join(out), pages, runs)
+    return RunStream(b"".join(out), pages, runs, fields)
 
 
 def expand(items: list[Batch], page_size: int = PAGE) -> list[Item]:
@@ -187,3 +194,35 @@ def test_corrupt_input_fails_like_records(stream: object, kind: str, data: st.Da
     assert error == plain_error
     page_size = page_size_of(plain)
     assert expand(batched, page_size) == expand(plain, page_size)
+
+
+# Runs of hundreds of records: the reader checks their headers in bulk (up to 256 at a
+# time), so a bad header or fill byte deep inside a run must still be found where
+# records() finds it, and the pages before it still be given.
+long_run_streams = run_streams(max_pages=1200)
+
+
+@settings(max_examples=40, deadline=None)
+@given(long_run_streams, st.data())
+def test_long_runs_carry_every_page_in_order(stream: RunStream, data: st.DataObject) -> None:
+    items, error = read(stream.data, data.draw(chunkings(len(stream.data))), batched=True)
+    assert error == ""
+    assert pages_of(expand(items)) == stream.pages
+
+
+@settings(max_examples=150, deadline=None)
+@given(long_run_streams, corruptions, st.data())
+def test_corruption_inside_long_runs_fails_like_records(
+    stream: RunStream, kind: str, data: st.DataObject
+) -> None:
+    raw = stream.data
+    at = data.draw(st.sampled_from(stream.fields or [len(raw) - 1]))
+    if kind == "flip":
+        bad = raw[:at] + bytes([raw[at] ^ data.draw(st.integers(1, 255))]) + raw[at + 1 :]
+    else:
+        bad = raw[:at]
+    cuts = data.draw(chunkings(len(bad)))
+    batched, error = read(bad, cuts, batched=True)
+    plain, plain_error = read(bad, cuts, batched=False)
+    assert error == plain_error
+    assert expand(batched) == expand(plain)
