@@ -43,7 +43,7 @@ MAX_SETUP = 4 << 20
 PROGRESS_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 300.0
 SMALL_READ = 256 << 10
-FILL_WAIT = 0.001
+GATHER_WAIT_MS = 2  # a pause in the stream this long hands over what was read
 _M_TRIM_THRESHOLD = -1  # mallopt() parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 
@@ -279,9 +279,11 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
     The first read takes what ``ahead`` read during start-up.  After that, stdin is read
     in this thread, not ahead in another one: a read-ahead thread took the stream in the
     pieces QEMU writes (tens of KiB) and paid a GIL hand-off per piece, which cost more
-    CPU than it saved waiting.  After a small read it pauses a moment instead, so that
-    the 1 MiB pipe fills and reads stay large (1 ms is a few hundred KiB of stream, well
-    under what the pipe holds, so QEMU is not held up by the pause).
+    CPU than it saved waiting.  A small read is topped up with the pieces that follow
+    it, read as soon as each arrives, until there is enough to be worth parsing: the
+    pipe stays drained, so QEMU never waits on it, and parsing stays in large batches.
+    (Sleeping a millisecond instead to let the pipe fill held QEMU up: under load the
+    wake-up comes late and the pipe is full by then.)
     """
     _keep_buffers_mapped()
     if ahead is None:
@@ -318,10 +320,25 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
         if not poller.poll(timeout * 1000):
             raise StalledStream(f"byte {received}: no stream data for {timeout:g} s")
         data = os.read(fd, n)
+        if not data:
+            ended = True
+        elif len(data) < SMALL_READ:
+            data = top_up(data, n)
         received += len(data)
-        if 0 < len(data) < SMALL_READ:
-            time.sleep(FILL_WAIT)  # let the pipe fill: fewer, larger reads
         return data
+
+    def top_up(data: bytes, n: int) -> bytes:
+        nonlocal ended
+        parts = [data]
+        size = len(data)
+        while size < SMALL_READ and poller.poll(GATHER_WAIT_MS):
+            more = os.read(fd, n - size)
+            if not more:
+                ended = True
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts)
 
     return read
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qsnap.read_ahead import ReadAhead
-from qsnap.save import StalledStream, _stdin_reader
+from qsnap.save import SMALL_READ, StalledStream, _stdin_reader
 
 
 @contextmanager
@@ -124,3 +124,44 @@ def test_the_pipe_is_drained_while_the_start_up_backlog_is_parsed() -> None:
         while chunk := read(1 << 20):
             got += chunk
         assert got == b"a" * (4 << 20) + b"b" * (3 << 20)
+
+
+def trickle(fd: int, pieces: list[bytes], pause: float) -> threading.Thread:
+    """A writer like QEMU's migration thread: small writes, one after another."""
+
+    def run() -> None:
+        for piece in pieces:
+            _write_all(fd, piece)
+            time.sleep(pause)
+        os.close(fd)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_small_pieces_are_gathered_into_large_reads() -> None:
+    """QEMU writes tens of KiB at a time; each read hands out at least SMALL_READ (but
+    the last), gathered as the pieces arrive, so parsing runs on large batches."""
+    pieces = [bytes([i % 251]) * (16 << 10) for i in range(96)]  # 1.5 MiB in 16 KiB
+    with pipe() as (r, w):
+        trickle(w, pieces, 0.0002)
+        read = _stdin_reader(5.0, ReadAhead.start(r, limit=0))
+        chunks = list(iter(lambda: read(1 << 20), b""))
+    assert b"".join(chunks) == b"".join(pieces)
+    assert all(len(c) >= SMALL_READ for c in chunks[:-1]), [len(c) for c in chunks]
+
+
+def test_a_pause_in_the_stream_hands_over_what_was_read() -> None:
+    """Gathering never waits for more than a pause of GATHER_WAIT_MS: a small piece
+    followed by silence is handed out long before the silence ends."""
+    with pipe() as (r, w):
+        trickle(w, [b"head" * 100, b"tail"], 1.0)
+        read = _stdin_reader(5.0, ReadAhead.start(r, limit=0))
+        start = time.monotonic()
+        first = read(1 << 20)
+        waited = time.monotonic() - start
+        assert first == b"head" * 100
+        assert waited < 0.5
+        assert read(1 << 20) == b"tail"
+        assert read(1 << 20) == b""
