@@ -18,7 +18,7 @@ import resource
 import select
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from qsnap.image.errors import ImageError, NbdError
@@ -294,25 +294,27 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     received = 0
-    early: collections.deque[bytes] = collections.deque()
+    early: Iterator[bytes] = iter(())  # what came in during start-up
+    backlog: collections.deque[bytes] = collections.deque()  # read while that is parsed
     ended = False
 
     def read(n: int) -> bytes:
-        nonlocal received, ahead, ended
+        nonlocal received, ahead, ended, early
         if ahead is not None:
-            taken, ended = ahead.take()
-            early.extend(taken)
+            early, ended = ahead.take()
             ahead = None
-        if early:
+        data = next(early, None)
+        if data is None and backlog:
+            data = backlog.popleft()
+        if data is not None:
             # Tens of MiB may have come in during start-up: keep the pipe drained while
             # they are parsed, or QEMU stalls on it once it is full.
             if not ended and poller.poll(0):
                 more = os.read(fd, n)
                 if more:
-                    early.append(more)
+                    backlog.append(more)
                 else:
                     ended = True
-            data = early.popleft()
             received += len(data)
             return data
         if ended:

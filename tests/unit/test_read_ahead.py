@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,8 +48,13 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def wait_for(ahead: ReadAhead, size: int) -> None:
     deadline = time.monotonic() + 10
-    while ahead._size < size and time.monotonic() < deadline:
+    while ahead.buffered()[0] < size and time.monotonic() < deadline:
         time.sleep(0.005)
+
+
+def child_done(ahead: ReadAhead) -> None:
+    """Wait until the reading child has ended on its own (left for take() to reap)."""
+    os.waitid(os.P_PID, ahead._pid, os.WEXITED | os.WNOWAIT)
 
 
 @settings(max_examples=20, deadline=None)
@@ -63,7 +70,7 @@ def test_hands_over_a_prefix_then_the_reader_goes_on(data: bytes, limit: int) ->
             got += chunk
         t.join(10)
         assert got == data
-        assert ahead._size <= limit
+        assert ahead.buffered()[0] <= limit
 
 
 def test_stops_at_the_limit_and_reports_no_end() -> None:
@@ -81,7 +88,8 @@ def test_end_of_input_during_start_up() -> None:
     with pipe() as (r, w):
         ahead = ReadAhead.start(r)
         writer(w, b"QEVM", close=True)
-        ahead._thread.join(10)
+        child_done(ahead)
+        assert ahead.buffered() == (4, True)
         read = _stdin_reader(5.0, ahead)
         assert read(10) == b"QEVM"
         assert read(10) == b""
@@ -100,7 +108,7 @@ def test_a_stalled_source_still_times_out_after_the_hand_over() -> None:
 
 def test_a_read_error_is_raised_at_the_hand_over() -> None:
     ahead = ReadAhead.start(os.open("/", os.O_RDONLY | os.O_DIRECTORY))
-    ahead._thread.join(10)
+    child_done(ahead)
     with pytest.raises(IsADirectoryError):
         ahead.take()
 
@@ -165,3 +173,26 @@ def test_a_pause_in_the_stream_hands_over_what_was_read() -> None:
         assert waited < 0.5
         assert read(1 << 20) == b"tail"
         assert read(1 << 20) == b""
+
+
+def test_reads_stdin_itself() -> None:
+    """qsnap's stdin is descriptor 0: the child keeps it while closing every other one."""
+    code = (
+        "import os, time\n"
+        "from qsnap.read_ahead import ReadAhead\n"
+        "ahead = ReadAhead.start(0)\n"
+        "deadline = time.monotonic() + 10\n"
+        "while not ahead.buffered()[1] and time.monotonic() < deadline:\n"
+        "    time.sleep(0.005)\n"
+        "chunks, ended = ahead.take()\n"
+        "data = b''.join(chunks)\n"
+        "print(len(data), data == bytes(range(256)) * 8192, ended)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input=bytes(range(256)) * 8192,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    assert result.stdout.split() == [b"2097152", b"True", b"True"]
