@@ -60,6 +60,7 @@ class SaveResult:
     stats: WriteStats
     stream_seconds: float = 0.0  # until the end of the stream: what the source waited for
     shared_writes: bool = False  # pages went through memory shared with the daemon
+    read_ahead_bytes: int = 0  # taken off stdin during start-up, held in a memfd
 
     def summary(self) -> dict[str, object]:
         own = resource.getrusage(resource.RUSAGE_SELF)
@@ -78,6 +79,7 @@ class SaveResult:
             "written_bytes": self.stats.written_bytes,
             "shared_writes": self.shared_writes,
             "peak_rss_kib": own.ru_maxrss,
+            "read_ahead_bytes": self.read_ahead_bytes,
             "cpu_seconds": round(own.ru_utime + own.ru_stime, 3),
             "daemon_cpu_seconds": round(daemon.ru_utime + daemon.ru_stime, 3),
         }
@@ -387,7 +389,8 @@ def save(
             raise
         shared = image.shares_memory
     end = time.monotonic()
-    return SaveResult(header, total, end - start, writer.stats, stream_end - start, shared)
+    backlog = ahead.buffered()[0] if ahead is not None else 0
+    return SaveResult(header, total, end - start, writer.stats, stream_end - start, shared, backlog)
 
 
 def report(result: SaveResult, *, as_json: bool, out: TextIO) -> None:
