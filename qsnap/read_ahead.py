@@ -123,11 +123,14 @@ class ReadAhead:
 
     def stop(self) -> None:
         """Stop the child and wait for it; idempotent."""
-        if not self._pid:
+        # Forget first: a signal handler may raise anywhere below, and stop() runs again.
+        pid, self._pid = self._pid, 0
+        stop, self._stop = self._stop, -1
+        if stop >= 0:
+            os.close(stop)  # the child sees the hang-up before its next read
+        if not pid:
             return
-        os.close(self._stop)  # the child sees the hang-up before its next read
-        _, status = os.waitpid(self._pid, 0)
-        self._pid = 0
+        _, status = os.waitpid(pid, 0)
         if status:  # what it stored is still good: the save reads on from there
             log.debug("read-ahead child ended with status %#x", status)
 

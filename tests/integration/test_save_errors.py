@@ -227,7 +227,8 @@ def test_migrate_cancel(tmp_path: Path) -> None:
     assert_not_complete(image)
 
 
-def _children(pid: int) -> list[int]:
+def _daemons(pid: int) -> list[int]:
+    """The storage daemons ``pid`` started (not its start-up read-ahead child)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -235,7 +236,8 @@ def _children(pid: int) -> list[int]:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+            if int(rest.split()[1]) == pid and name.startswith("qemu-storage"):
                 found.append(int(entry))
     return found
 
@@ -256,7 +258,7 @@ def test_signal_stops_the_save_and_its_daemon(
         proc.stdin.write(stream[: len(stream) // 4])
         proc.stdin.flush()
         deadline = time.monotonic() + 30
-        while not (daemons := _children(proc.pid)):
+        while not (daemons := _daemons(proc.pid)):
             assert time.monotonic() < deadline, "no qemu-storage-daemon started"
             time.sleep(0.02)
         proc.send_signal(sig)
@@ -287,7 +289,7 @@ def test_daemon_dying_mid_save_is_reported(stream: bytes, tmp_path: Path) -> Non
         proc.stdin.write(stream[: len(stream) // 4])
         proc.stdin.flush()
         deadline = time.monotonic() + 30
-        while not (daemons := _children(proc.pid)):
+        while not (daemons := _daemons(proc.pid)):
             assert time.monotonic() < deadline, "no qemu-storage-daemon started"
             time.sleep(0.02)
         for pid in daemons:
