@@ -44,6 +44,7 @@ PROGRESS_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 300.0
 SMALL_READ = 256 << 10
 GATHER_WAIT_MS = 2  # a pause in the stream this long hands over what was read
+GATHER_NAP = 0.0003  # QEMU writes 100-200 KiB meanwhile: far from filling the 1 MiB pipe
 _M_TRIM_THRESHOLD = -1  # mallopt() parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 
@@ -281,11 +282,12 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
     The first read takes what ``ahead`` read during start-up.  After that, stdin is read
     in this thread, not ahead in another one: a read-ahead thread took the stream in the
     pieces QEMU writes (tens of KiB) and paid a GIL hand-off per piece, which cost more
-    CPU than it saved waiting.  A small read is topped up with the pieces that follow
-    it, read as soon as each arrives, until there is enough to be worth parsing: the
-    pipe stays drained, so QEMU never waits on it, and parsing stays in large batches.
-    (Sleeping a millisecond instead to let the pipe fill held QEMU up: under load the
-    wake-up comes late and the pipe is full by then.)
+    CPU than it saved waiting.  A small read is topped up with what follows until there
+    is enough to be worth parsing, in short naps (0.3 ms): QEMU writes 14-32 KiB at a
+    time, and waking for each piece cost qsnap a fifth more CPU.  The pipe stays far
+    from full, so QEMU does not wait on it.  (A single 1 ms sleep after a small read,
+    before any topping up, held QEMU up: under load the wake-up came after the pipe
+    had filled.)
     """
     _keep_buffers_mapped()
     if ahead is None:
@@ -335,7 +337,10 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
         nonlocal ended
         parts = [data]
         size = len(data)
-        while size < SMALL_READ and poller.poll(GATHER_WAIT_MS):
+        while size < SMALL_READ:
+            time.sleep(GATHER_NAP)  # one wake-up for several of QEMU's writes
+            if not poller.poll(0) and not poller.poll(GATHER_WAIT_MS):
+                break
             more = os.read(fd, n - size)
             if not more:
                 ended = True
