@@ -2,9 +2,11 @@
 
 QEMU starts ``exec:qsnap save`` and writes the stream at once.  Until qsnap has imported
 its modules and opened the image (0.1-0.2 s), QEMU would stall on a full pipe, with the
-guest's memory write-protected all that time.  A forked child reads the stream into a
-memfd meanwhile, up to a bound, and hands it over at the first read; after that the
-save reads stdin itself.
+guest's memory write-protected all that time.  A forked child moves the stream into a
+memfd meanwhile, up to a bound.  From its first read on, the save parses what the child
+stored while the child goes on reading, until the save has caught up with it (or the
+bound is reached); after that the save reads stdin itself.  So QEMU is paced by the
+child's cheap copy, not by the parsing, for the first tens of MiB.
 
 A child, not a thread: a thread needs the GIL for every read, and the imports in the
 main thread hold it for the whole switch interval (5 ms), in which QEMU fills the 1 MiB
@@ -24,15 +26,15 @@ import os
 import select
 import stat
 import struct
-from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
 PIPE_SIZE = 1 << 20
 LIMIT = 64 << 20
 READ_SIZE = 1 << 20
-_STATE = struct.Struct("<Q?i")
-"""Shared between the child and the parent: bytes stored, input ended, errno of a failure."""
+_STATE = struct.Struct("<Q?i?")
+"""Shared between the child and the parent: bytes stored, input ended, errno of a failure,
+and whether the child has stopped reading."""
 
 
 def grow_pipe(fd: int) -> None:
@@ -45,24 +47,34 @@ def grow_pipe(fd: int) -> None:
 
 
 def _fill(fd: int, store: int, limit: int, state: mmap.mmap, stop: int) -> None:
-    """The child: read ``fd`` into ``store`` until told to stop, ``limit``, end or error."""
-    memory = memoryview(mmap.mmap(store, limit))
+    """The child: move ``fd`` into ``store`` until told to stop, ``limit``, end or error.
+
+    Data goes in by system call (``splice`` from a pipe, else read and ``pwrite``) before
+    the size that covers it is published: the parent reads up to that size meanwhile.
+    """
+    pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
     poller = select.poll()
     poller.register(stop, select.POLLIN | select.POLLHUP)
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    size = 0
+    size, ended, error = 0, False, 0
     try:
         while size < limit:
             if any(f == stop for f, _ in poller.poll()):
                 return  # the parent takes over (or is gone)
-            n = os.readv(fd, [memory[size : size + READ_SIZE]])
+            want = min(READ_SIZE, limit - size)
+            if pipe:
+                n = os.splice(fd, store, want, offset_dst=size)
+            else:
+                n = os.pwrite(store, os.read(fd, want), size)
             if not n:
-                _STATE.pack_into(state, 0, size, True, 0)
+                ended = True
                 return
             size += n
-            _STATE.pack_into(state, 0, size, False, 0)
+            _STATE.pack_into(state, 0, size, False, 0, False)
     except OSError as exc:
-        _STATE.pack_into(state, 0, size, False, exc.errno or -1)
+        error = exc.errno or -1
+    finally:
+        _STATE.pack_into(state, 0, size, ended, error, True)
 
 
 def _close_all_but(keep: set[int]) -> None:
@@ -118,7 +130,7 @@ class ReadAhead:
 
     def buffered(self) -> tuple[int, bool]:
         """Bytes read so far, and whether input ended (for tests and progress)."""
-        size, ended, _ = _STATE.unpack_from(self._state)
+        size, ended, _, _ = _STATE.unpack_from(self._state)
         return size, ended
 
     def stop(self) -> None:
@@ -134,25 +146,55 @@ class ReadAhead:
         if status:  # what it stored is still good: the save reads on from there
             log.debug("read-ahead child ended with status %#x", status)
 
-    def take(self) -> tuple[Iterator[bytes], bool]:
-        """Stop reading; the data read so far, in chunks and in order, and whether input
-        ended.  A read that failed in the child raises here: the stream is unusable then.
+    def take(self) -> Backlog:
+        """The stream read so far and from now on, in order, while the child goes on
+        reading until the parent catches up with it (or its limit): QEMU keeps writing
+        at the child's pace meanwhile.  Read stdin only once the backlog is exhausted.
         """
-        self.stop()
-        size, ended, error = _STATE.unpack_from(self._state)
-        if error:
-            self._close_store()
-            raise OSError(error, f"reading stdin: {os.strerror(error)}")
-        return self._chunks(size), ended
+        return Backlog(self)
 
-    def _chunks(self, size: int) -> Iterator[bytes]:
-        try:
-            for pos in range(0, size, READ_SIZE):
-                yield os.pread(self._store, min(READ_SIZE, size - pos), pos)
-        finally:
-            self._close_store()
+    def _published(self) -> tuple[int, bool, int]:
+        size, ended, error, _ = _STATE.unpack_from(self._state)
+        return size, ended, error
+
+    def reading(self) -> bool:
+        """Whether the child may still read stdin (nobody else may, meanwhile)."""
+        return bool(self._pid) and not _STATE.unpack_from(self._state)[3]
 
     def _close_store(self) -> None:
         if self._store >= 0:
             os.close(self._store)
             self._store = -1
+
+
+class Backlog:
+    """What :class:`ReadAhead`'s child read, in chunks; ``ended`` once exhausted."""
+
+    def __init__(self, ahead: ReadAhead) -> None:
+        self._ahead = ahead
+        self._pos = 0
+        self.ended = False
+
+    @property
+    def child_reading(self) -> bool:
+        return self._ahead.reading()
+
+    def __iter__(self) -> Backlog:
+        return self
+
+    def __next__(self) -> bytes:
+        ahead = self._ahead
+        size, ended, error = ahead._published()
+        if self._pos >= size and ahead._pid:
+            ahead.stop()  # caught up: from here the parent reads stdin itself
+            size, ended, error = ahead._published()
+        if self._pos >= size or ahead._store < 0:
+            ahead._close_store()
+            if error:
+                raise OSError(error, f"reading stdin: {os.strerror(error)}")
+            self.ended = ended
+            raise StopIteration
+        n = min(READ_SIZE, size - self._pos)
+        data = os.pread(ahead._store, n, self._pos)
+        self._pos += n
+        return data

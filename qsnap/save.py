@@ -18,7 +18,7 @@ import resource
 import select
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qsnap.image.errors import ImageError, NbdError
@@ -26,7 +26,7 @@ from qsnap.image.layout import BlockEntry, Header, pass_names
 from qsnap.image.snapshot import SnapshotImage, describe_incomplete
 from qsnap.image.spec import BlockdevSpec
 from qsnap.image.writer import ImageWriter, RamSetup, StreamPrologue, WriteStats
-from qsnap.read_ahead import ReadAhead, grow_pipe
+from qsnap.read_ahead import Backlog, ReadAhead, grow_pipe
 from qsnap.stream import StreamError, StreamOptions, StreamReader
 from qsnap.stream import records as r
 from qsnap.stream.constants import RAM_IDSTR
@@ -298,22 +298,27 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     received = 0
-    early: Iterator[bytes] = iter(())  # what came in during start-up
+    early: Backlog | None = None  # what the start-up child read, and goes on reading
     backlog: collections.deque[bytes] = collections.deque()  # read while that is parsed
     ended = False
 
     def read(n: int) -> bytes:
         nonlocal received, ahead, ended, early
         if ahead is not None:
-            early, ended = ahead.take()
+            early = ahead.take()
             ahead = None
-        data = next(early, None)
+        data = None
+        if early is not None:
+            data = next(early, None)
+            if data is None:
+                ended = early.ended
+                early = None
         if data is None and backlog:
             data = backlog.popleft()
         if data is not None:
-            # Tens of MiB may have come in during start-up: keep the pipe drained while
-            # they are parsed, or QEMU stalls on it once it is full.
-            if not ended and poller.poll(0):
+            # Once the child has stopped at its limit, tens of MiB may be left to parse:
+            # keep the pipe drained meanwhile, or QEMU stalls on it once it is full.
+            if (early is None or not early.child_reading) and not ended and poller.poll(0):
                 more = os.read(fd, n)
                 if more:
                     backlog.append(more)
