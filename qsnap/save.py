@@ -279,8 +279,9 @@ def _keep_buffers_mapped() -> None:
 def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[int], bytes]:
     """Reads of stdin, each waiting at most ``timeout`` s for data.
 
-    The first read takes what ``ahead`` read during start-up.  After that, stdin is read
-    in this thread, not ahead in another one: a read-ahead thread took the stream in the
+    The first reads hand out what ``ahead``'s child stored, while it goes on reading
+    until they catch up with it.  After that, stdin is read here, not ahead in another
+    thread or process throughout: a read-ahead thread took the stream in the
     pieces QEMU writes (tens of KiB) and paid a GIL hand-off per piece, which cost more
     CPU than it saved waiting.  A small read is topped up with what follows until there
     is enough to be worth parsing, in short naps (0.3 ms): QEMU writes 14-32 KiB at a
