@@ -753,7 +753,7 @@ class StreamReader:
                     starts = range(pos + 8, pos + 8 + span, step)
                     stops = range(pos + step, pos + step + span, step)
                     pages.extend(map(view.__getitem__, map(slice, starts, stops)))
-                    pos += good * step
+                    pos += span
                     expect += good * page_size
                     continue
                 stop = pos + step
