@@ -98,6 +98,9 @@ class ReadAhead:
         self._store = -1
         self._stop = -1
         self._pid = 0
+        self.cpu_seconds = 0.0
+        """CPU time of the child, once it has been waited for (the save reports it as its
+        own, not as the storage daemon's, which is the other child it reaps)."""
 
     @classmethod
     def start(cls, fd: int = 0, limit: int = LIMIT) -> ReadAhead:
@@ -142,7 +145,8 @@ class ReadAhead:
             os.close(stop)  # the child sees the hang-up before its next read
         if not pid:
             return
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
+        self.cpu_seconds = usage.ru_utime + usage.ru_stime
         if status:  # what it stored is still good: the save reads on from there
             log.debug("read-ahead child ended with status %#x", status)
 

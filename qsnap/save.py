@@ -62,10 +62,13 @@ class SaveResult:
     stream_seconds: float = 0.0  # until the end of the stream: what the source waited for
     shared_writes: bool = False  # pages went through memory shared with the daemon
     read_ahead_bytes: int = 0  # taken off stdin during start-up, held in a memfd
+    read_ahead_cpu_seconds: float = 0.0  # the child that took them, a child like the daemon
 
     def summary(self) -> dict[str, object]:
         own = resource.getrusage(resource.RUSAGE_SELF)
-        daemon = resource.getrusage(resource.RUSAGE_CHILDREN)  # the reaped storage daemon
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # daemon and read-ahead
+        own_cpu = own.ru_utime + own.ru_stime + self.read_ahead_cpu_seconds
+        daemon_cpu = children.ru_utime + children.ru_stime - self.read_ahead_cpu_seconds
         return {
             "complete": self.header.complete,
             "missing": pass_names(self.header.missing),
@@ -81,8 +84,9 @@ class SaveResult:
             "shared_writes": self.shared_writes,
             "peak_rss_kib": own.ru_maxrss,
             "read_ahead_bytes": self.read_ahead_bytes,
-            "cpu_seconds": round(own.ru_utime + own.ru_stime, 3),
-            "daemon_cpu_seconds": round(daemon.ru_utime + daemon.ru_stime, 3),
+            "read_ahead_cpu_seconds": round(self.read_ahead_cpu_seconds, 3),
+            "cpu_seconds": round(own_cpu, 3),
+            "daemon_cpu_seconds": round(max(daemon_cpu, 0.0), 3),
         }
 
     def line(self) -> str:
@@ -400,8 +404,13 @@ def save(
             raise
         shared = image.shares_memory
     end = time.monotonic()
-    backlog = ahead.buffered()[0] if ahead is not None else 0
-    return SaveResult(header, total, end - start, writer.stats, stream_end - start, shared, backlog)
+    backlog, backlog_cpu = 0, 0.0
+    if ahead is not None:
+        ahead.stop()  # normally stopped already, once the save caught up with it
+        backlog, backlog_cpu = ahead.buffered()[0], ahead.cpu_seconds
+    return SaveResult(
+        header, total, end - start, writer.stats, stream_end - start, shared, backlog, backlog_cpu
+    )
 
 
 def report(result: SaveResult, *, as_json: bool, out: TextIO) -> None:

@@ -216,3 +216,18 @@ def test_the_child_goes_on_reading_while_its_backlog_is_handed_out() -> None:
         while chunk := read(1 << 20):
             got += chunk
         assert got == data
+
+
+def test_the_child_s_cpu_time_is_known_once_it_is_stopped() -> None:
+    """The save reports it as its own: otherwise it is counted as the storage daemon's
+    (both are children; RUSAGE_CHILDREN does not tell them apart)."""
+    size = 48 << 20
+    with pipe() as (r, w):
+        ahead = ReadAhead.start(r, limit=size)
+        t = writer(w, b"\xa5" * size, close=True)
+        wait_for(ahead, size)
+        assert ahead.cpu_seconds == 0.0  # not waited for yet
+        ahead.stop()
+        t.join(10)
+        assert ahead.buffered()[0] == size
+        assert ahead.cpu_seconds > 0.0  # moving 48 MiB through splice costs tens of ms
