@@ -80,9 +80,9 @@ def test_records_match_one_encoder_call_per_page(script: list[Call], shared: boo
         assert written[:5] == bytes([0x02, 0, 0, 0, 7])  # SECTION_PART, section id 7
         written = written[5:]
     assert written == body
-    data = sum(1 for _, _, pages in script for v in pages if v)
-    assert stats.data_pages == data
-    assert stats.zero_pages == sum(len(p) for _, _, p in script) - data
+    data_pages = sum(1 for _, _, pages in script for v in pages if v)
+    assert stats.data_pages == data_pages
+    assert stats.zero_pages == sum(len(p) for _, _, p in script) - data_pages
 
 
 def test_sections_close_after_part_bytes_with_eos_and_footer() -> None:

@@ -114,4 +114,4 @@ def test_wait_consumed_gives_up_when_nothing_is_read() -> None:
 
 def test_only_shared_memory_is_spliced() -> None:
     with pytest.raises(TypeError):
-        SpliceTable(Span.whole(bytearray(PAGE)), PAGE)  # type: ignore[arg-type]
+        SpliceTable(Span.whole(bytearray(PAGE)), PAGE)

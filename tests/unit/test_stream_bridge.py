@@ -8,7 +8,7 @@ bridge at almost every cut, and compare with the same input fed whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from hypothesis import given, settings
@@ -50,7 +50,7 @@ def test_bridged_input_reads_as_whole_input(
     assert _joined(expand(items, page_size)) == _joined(expand(whole, page_size))
 
 
-def _joined(items: list[object]) -> list[object]:
+def _joined(items: Sequence[object]) -> list[object]:
     """Consecutive device-state chunks as one: passed through as fed, they follow the
     input's cuts, which the whole input does not have."""
     out: list[object] = []

@@ -6,6 +6,7 @@ The model is written from the specification (descriptor table, available ring, u
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -69,7 +70,9 @@ segments = st.lists(
         max_size=30,
     ),
 )
-def test_chains_reach_the_device_and_come_back_in_its_order(size, rounds) -> None:
+def test_chains_reach_the_device_and_come_back_in_its_order(
+    size: int, rounds: list[tuple[list[list[Segment]], random.Random]]
+) -> None:
     layout = RingLayout.at(64, size)
     mem = bytearray(layout.end + 64)
     queue = SplitQueue(mem, layout)
