@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qsnap.save
 from qsnap.read_ahead import ReadAhead
 from qsnap.save import SMALL_READ, StalledStream, _stdin_reader
 
@@ -148,9 +149,12 @@ def trickle(fd: int, pieces: list[bytes], pause: float) -> threading.Thread:
     return t
 
 
-def test_small_pieces_are_gathered_into_large_reads() -> None:
+def test_small_pieces_are_gathered_into_large_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """QEMU writes tens of KiB at a time; each read hands out at least SMALL_READ (but
-    the last), gathered as the pieces arrive, so parsing runs on large batches."""
+    the last), gathered as the pieces arrive, so parsing runs on large batches. The
+    pause that ends gathering is widened here: a loaded CI machine can hold the writer
+    thread back for longer than the real 2 ms, which would rightly end a batch early."""
+    monkeypatch.setattr(qsnap.save, "GATHER_WAIT_MS", 500)
     pieces = [bytes([i % 251]) * (16 << 10) for i in range(96)]  # 1.5 MiB in 16 KiB
     with pipe() as (r, w):
         trickle(w, pieces, 0.0002)
