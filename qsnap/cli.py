@@ -17,8 +17,10 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType, ModuleType
+from typing import TYPE_CHECKING
 
-from qsnap.read_ahead import ReadAhead
+if TYPE_CHECKING:
+    from qsnap.read_ahead import ReadAhead
 
 # qsnap's modules are imported by the subcommands that use them: QEMU starts
 # ``qsnap revert`` for every revert, and its start-up is part of the revert's time.
@@ -264,12 +266,10 @@ def _plugin_exists(module: str) -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, ahead: ReadAhead | None = None) -> int:
+    """``ahead``: what has been reading stdin for ``save`` (see :mod:`qsnap.launch`)."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    ahead = None
-    if command == "save" and not os.isatty(0) and not {"-h", "--help"} & set(argv):
-        ahead = ReadAhead.start(0)  # before the imports below: QEMU is already writing
     parser = build_parser(command if command in BUILTIN or command in PLUGINS else None)
     args = parser.parse_args(argv)
     args.read_ahead = ahead
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def qemu_snapshot_main(argv: list[str] | None = None) -> int:
+def qemu_snapshot_main(argv: list[str] | None = None, *, ahead: ReadAhead | None = None) -> int:
     """``qemu-snapshot [-r|--revert] [--postcopy[=PCT]] [--save-vmstate] [--page-size=N] SPEC``."""
     parser = argparse.ArgumentParser(prog="qemu-snapshot")
     parser.add_argument("-r", "--revert", action="store_true", help="revert (stream to stdout)")
@@ -316,4 +316,4 @@ def qemu_snapshot_main(argv: list[str] | None = None) -> int:
             out.append("--save-vmstate")
         if args.page_size is not None:
             out.append(f"--page-size={args.page_size}")
-    return main(out)
+    return main(out, ahead=ahead)

@@ -20,14 +20,18 @@ Only the standard library is imported here: this runs before the rest of qsnap l
 from __future__ import annotations
 
 import fcntl
-import logging
 import mmap
 import os
 import select
 import stat
 import struct
 
-log = logging.getLogger(__name__)
+
+def _debug(message: str, *args: object) -> None:
+    import logging  # not at start-up: it costs QEMU ~10 ms of a blocked pipe
+
+    logging.getLogger(__name__).debug(message, *args)
+
 
 PIPE_SIZE = 1 << 20
 LIMIT = 64 << 20
@@ -43,7 +47,7 @@ def grow_pipe(fd: int) -> None:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError as exc:
-        log.debug("cannot grow the stdin pipe: %s", exc)
+        _debug("cannot grow the stdin pipe: %s", exc)
 
 
 def _fill(fd: int, store: int, limit: int, state: mmap.mmap, stop: int) -> None:
@@ -118,7 +122,7 @@ class ReadAhead:
             stop_r, self._stop = os.pipe2(os.O_CLOEXEC)
             self._pid = os.fork()
         except OSError as exc:  # the save goes on without it, only slower to start
-            log.debug("no read-ahead: %s", exc)
+            _debug("no read-ahead: %s", exc)
             self._close_store()
             return
         if self._pid == 0:  # the child: nothing of the parent's may run here
@@ -148,7 +152,7 @@ class ReadAhead:
         _, status, usage = os.wait4(pid, 0)
         self.cpu_seconds = usage.ru_utime + usage.ru_stime
         if status:  # what it stored is still good: the save reads on from there
-            log.debug("read-ahead child ended with status %#x", status)
+            _debug("read-ahead child ended with status %#x", status)
 
     def take(self) -> Backlog:
         """The stream read so far and from now on, in order, while the child goes on

@@ -11,7 +11,7 @@ from qsnap import cli
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     seen: list[list[str]] = []
 
-    def fake_main(argv: list[str] | None = None) -> int:
+    def fake_main(argv: list[str] | None = None, *, ahead: object = None) -> int:
         seen.append(list(argv or []))
         return 0
 
