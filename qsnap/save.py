@@ -338,7 +338,7 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
         data = os.read(fd, n)
         if not data:
             ended = True
-        elif len(data) < SMALL_READ:
+        elif len(data) < min(SMALL_READ, n):
             data = top_up(data, n)
         received += len(data)
         return data
@@ -347,7 +347,7 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
         nonlocal ended
         parts = [data]
         size = len(data)
-        while size < SMALL_READ:
+        while size < min(SMALL_READ, n):
             time.sleep(GATHER_NAP)  # one wake-up for several of QEMU's writes
             if not poller.poll(0) and not poller.poll(GATHER_WAIT_MS):
                 break

@@ -164,6 +164,19 @@ def test_small_pieces_are_gathered_into_large_reads(monkeypatch: pytest.MonkeyPa
     assert all(len(c) >= SMALL_READ for c in chunks[:-1]), [len(c) for c in chunks]
 
 
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 2 * SMALL_READ), st.sampled_from([0, 1 << 20]))
+def test_reads_of_any_size_hand_over_the_whole_stream(n: int, limit: int) -> None:
+    """Reads asking for less than SMALL_READ are topped up to what they asked for, never
+    to an empty read that would look like the end of the stream."""
+    pieces = [bytes([i % 251]) * (16 << 10) for i in range(48)]  # 768 KiB in 16 KiB
+    with pipe() as (r, w):
+        trickle(w, pieces, 0.0002)
+        read = _stdin_reader(5.0, ReadAhead.start(r, limit=limit))
+        chunks = list(iter(lambda: read(n), b""))
+    assert b"".join(chunks) == b"".join(pieces)
+
+
 def test_a_pause_in_the_stream_hands_over_what_was_read() -> None:
     """Gathering never waits for more than a pause of GATHER_WAIT_MS: a small piece
     followed by silence is handed out long before the silence ends."""
