@@ -38,7 +38,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20
+READ_SIZE = 256 << 10
+"""The most one stdin read takes.  Smaller reads cost qsnap more CPU (0.6 -> 0.85 s for
+512 MiB of a stream that is always there), but QEMU migrated 4-9 % faster than with 1 MiB
+reads (medians of three runs of 10-12 alternated rounds): the pipe is emptied in smaller,
+more frequent bites, and a read holds the pipe's lock, which QEMU's writes wait for,
+while it copies."""
 MAX_SETUP = 4 << 20
 PROGRESS_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 300.0
