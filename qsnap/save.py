@@ -327,9 +327,10 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
             data = backlog.popleft()
         if data is not None:
             # Once the child has stopped at its limit, tens of MiB may be left to parse:
-            # keep the pipe drained meanwhile, or QEMU stalls on it once it is full.
+            # keep the pipe drained meanwhile, or QEMU stalls on it once it is full.  As
+            # much as is handed out: the child's chunks can be larger than ``n``.
             if (early is None or not early.child_reading) and not ended and poller.poll(0):
-                more = os.read(fd, n)
+                more = os.read(fd, max(n, len(data)))
                 if more:
                     backlog.append(more)
                 else:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import qsnap.save
 from qsnap.read_ahead import ReadAhead
-from qsnap.save import SMALL_READ, StalledStream, _stdin_reader
+from qsnap.save import READ_SIZE, SMALL_READ, StalledStream, _stdin_reader
 
 
 @contextmanager
@@ -114,10 +114,12 @@ def test_a_read_error_is_raised_at_the_hand_over() -> None:
         list(ahead.take())
 
 
-def test_the_pipe_is_drained_while_the_start_up_backlog_is_parsed() -> None:
+@pytest.mark.parametrize("size", [1 << 20, READ_SIZE])
+def test_the_pipe_is_drained_while_the_start_up_backlog_is_parsed(size: int) -> None:
     """QEMU goes on writing while qsnap parses what came in during start-up: the reads
     that hand out that backlog also take from the pipe, so the writer is not stalled
-    until the backlog is gone (it would stall: 3 MiB do not fit in the 1 MiB pipe)."""
+    until the backlog is gone (it would stall: 3 MiB do not fit in the 1 MiB pipe), also
+    when the save reads less at a time than the child stored at a time."""
     with pipe() as (r, w):
         ahead = ReadAhead.start(r, limit=4 << 20)
         writer(w, b"a" * (4 << 20), close=False).join(10)
@@ -126,7 +128,7 @@ def test_the_pipe_is_drained_while_the_start_up_backlog_is_parsed() -> None:
         read = _stdin_reader(5.0, ahead)
         got = b""
         while not got.endswith(b"b") and more.is_alive():
-            got += read(1 << 20)
+            got += read(size)
             time.sleep(0.01)  # parsing the chunk
         assert not more.is_alive(), "the writer still waits for the pipe"
         assert not got.endswith(b"b"), "the backlog was handed out before the writer ended"
