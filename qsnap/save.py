@@ -44,6 +44,9 @@ READ_SIZE = 256 << 10
 reads (medians of three runs of 10-12 alternated rounds): the pipe is emptied in smaller,
 more frequent bites, and a read holds the pipe's lock, which QEMU's writes wait for,
 while it copies."""
+CATCH_UP_HELD = 32 << 20
+"""The most taken off the pipe and held in memory while the start-up backlog is parsed
+(that backlog stays in the child's memfd): peak RSS stays bounded, QEMU waits beyond it."""
 MAX_SETUP = 4 << 20
 PROGRESS_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 300.0
@@ -310,10 +313,11 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
     received = 0
     early: Backlog | None = None  # what the start-up child read, and goes on reading
     backlog: collections.deque[bytes] = collections.deque()  # read while that is parsed
+    held = 0  # bytes in backlog
     ended = False
 
     def read(n: int) -> bytes:
-        nonlocal received, ahead, ended, early
+        nonlocal received, ahead, ended, early, held
         if ahead is not None:
             early = ahead.take()
             ahead = None
@@ -325,14 +329,21 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
                 early = None
         if data is None and backlog:
             data = backlog.popleft()
+            held -= len(data)
         if data is not None:
             # Once the child has stopped at its limit, tens of MiB may be left to parse:
             # keep the pipe drained meanwhile, or QEMU stalls on it once it is full.  As
             # much as is handed out: the child's chunks can be larger than ``n``.
-            if (early is None or not early.child_reading) and not ended and poller.poll(0):
+            if (
+                (early is None or not early.child_reading)
+                and not ended
+                and held < CATCH_UP_HELD
+                and poller.poll(0)
+            ):
                 more = os.read(fd, max(n, len(data)))
                 if more:
                     backlog.append(more)
+                    held += len(more)
                 else:
                     ended = True
             received += len(data)

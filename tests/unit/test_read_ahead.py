@@ -137,6 +137,28 @@ def test_the_pipe_is_drained_while_the_start_up_backlog_is_parsed(size: int) -> 
         assert got == b"a" * (4 << 20) + b"b" * (3 << 20)
 
 
+def test_what_is_held_while_the_backlog_is_parsed_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Draining the pipe during the catch-up holds what it took in memory: beyond
+    CATCH_UP_HELD the writer waits (3 MiB more than the child took cannot all go in)."""
+    monkeypatch.setattr(qsnap.save, "CATCH_UP_HELD", 256 << 10)
+    with pipe() as (r, w):
+        ahead = ReadAhead.start(r, limit=4 << 20)
+        writer(w, b"a" * (4 << 20), close=False).join(10)
+        wait_for(ahead, 4 << 20)
+        more = writer(w, b"b" * (3 << 20), close=True)
+        read = _stdin_reader(5.0, ahead)
+        got = b""
+        while len(got) < 4 << 20:
+            got += read(READ_SIZE)
+            time.sleep(0.01)
+        assert more.is_alive(), "the writer was let to go on past the bound"
+        while chunk := read(1 << 20):
+            got += chunk
+        assert got == b"a" * (4 << 20) + b"b" * (3 << 20)
+
+
 def trickle(fd: int, pieces: list[bytes], pause: float) -> threading.Thread:
     """A writer like QEMU's migration thread: small writes, one after another."""
 
