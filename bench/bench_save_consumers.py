@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_save import QSNAP, fresh_image, paused_pattern_guest, snapshot
+from bench_save import QSNAP, fresh_bytecode, fresh_image, paused_pattern_guest, snapshot
 
 READINTO = (
     "import os, fcntl; fcntl.fcntl(0, fcntl.F_SETPIPE_SZ, 1 << 20); buf = bytearray(1 << 20)\n"
@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     times: dict[str, list[float]] = {c: [] for c in args.commands}
+    fresh_bytecode()
     with tempfile.TemporaryDirectory(prefix="bench-consumers-") as tmp_dir:
         tmp = Path(tmp_dir)
         scratch, image = tmp / "stream.bin", tmp / "snap.qcow2"
