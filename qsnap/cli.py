@@ -112,6 +112,8 @@ def _run_save(args: argparse.Namespace) -> int:
     from qsnap.stream import StreamError
 
     prog = "qsnap save"
+    if sys.stdin is None:
+        return _fail(prog, "stdin is closed: pipe a migration stream into it (exec:)")
     if os.isatty(0):
         return _fail(prog, "stdin is a terminal: pipe a migration stream into it (exec:)")
     ahead: ReadAhead | None = args.read_ahead

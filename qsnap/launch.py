@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 
 def _read_ahead(saving: bool, argv: list[str]) -> ReadAhead | None:
-    if not saving or "-h" in argv or "--help" in argv or os.isatty(0):
-        return None
+    if not saving or "-h" in argv or "--help" in argv or sys.stdin is None or os.isatty(0):
+        return None  # (no stdin at all: fd 0 may be anything qsnap opens next)
     from qsnap.read_ahead import ReadAhead
 
     return ReadAhead.start(0)

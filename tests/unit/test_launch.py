@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -62,3 +63,20 @@ def test_a_save_forks_the_read_ahead_before_the_command_line_loads(
 )
 def test_other_commands_leave_stdin_alone(entry: str, argv: list[str]) -> None:
     assert not launch(entry, *argv).startswith("read-ahead")
+
+
+def test_a_save_without_stdin_says_so() -> None:
+    """With fd 0 closed, the first file qsnap opened became its "stdin"."""
+    code = "import sys; from qsnap.launch import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "save", "img.qcow2"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        preexec_fn=lambda: os.close(0),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        "qsnap save: error: stdin is closed: pipe a migration stream into it (exec:)\n"
+    )
