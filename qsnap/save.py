@@ -414,12 +414,13 @@ def save(
             saver.close()
             stream_end = time.monotonic()
             header = writer.finish(saver.device_sections_length)
+            shared = image.shares_memory
+            image.close(flushed=True)
         except NbdError as exc:
             detail = image.daemon_error()
             if detail:
                 raise ImageError(f"{exc} ({detail})") from exc
             raise
-        shared = image.shares_memory
     end = time.monotonic()
     backlog, backlog_cpu = 0, 0.0
     if ahead is not None:

@@ -240,18 +240,19 @@ class StorageDaemon:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self) -> None:
-        """SIGTERM (the daemon flushes and closes the image), SIGKILL after a timeout."""
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM (the daemon flushes and closes the image), SIGKILL after ``grace``
+        seconds (default: the timeout)."""
         with _signals_deferred():
-            self._stop()
+            self._stop(self.timeout if grace is None else grace)
 
-    def _stop(self) -> None:
+    def _stop(self, grace: float) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    proc.wait(timeout=self.timeout)
+                    proc.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
                     log.warning("qemu-storage-daemon ignored SIGTERM; killing it")
                     proc.kill()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = layout.MiB
 WRITE_SLOT = 2 * layout.MiB
+FLUSHED_GRACE = 5.0  # seconds for the daemon to exit once all was flushed (see close())
 """The largest write that goes through shared memory (one slot; larger ones use NBD)."""
 
 
@@ -184,7 +185,14 @@ class SnapshotImage:
     ) -> None:
         self.close(graceful=exc_type is None)
 
-    def close(self, *, graceful: bool = True) -> None:
+    def close(self, *, graceful: bool = True, flushed: bool = False) -> None:
+        """Disconnect and stop the daemon; idempotent.
+
+        ``flushed``: everything written has been flushed, so the daemon has nothing left
+        to write and is killed if it has not exited ``FLUSHED_GRACE`` seconds after
+        SIGTERM.  (Under ``exec:`` QEMU's monitor waits for qsnap to exit; a
+        qemu-storage-daemon 10.0 once took the full 30 s timeout to leave after a save.)
+        """
         client, self._client = self._client, None
         shared, self._shared = self._shared, None
         try:
@@ -193,7 +201,7 @@ class SnapshotImage:
             if client is not None:
                 client.close(graceful=graceful)
         finally:
-            self._daemon.stop()
+            self._daemon.stop(grace=FLUSHED_GRACE if flushed else None)
 
     @property
     def client(self) -> NbdClient:

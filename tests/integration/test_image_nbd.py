@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,6 +142,28 @@ def test_socket_dir_is_private_and_daemon_is_cleaned_up(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     assert not os.path.exists(f"/proc/{pid}")
     assert not os.path.exists(directory)
+
+
+def test_a_daemon_deaf_to_sigterm_is_killed_after_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop(grace=...) waits that long, not the whole timeout (a flushed image has
+    nothing left to lose, and QEMU's monitor waits for qsnap under exec:)."""
+    fake = tmp_path / "qsd"
+    fake.write_text(
+        "#!/bin/sh\ntrap '' TERM\n"
+        'while [ "$#" -gt 1 ]; do [ "$1" = --pidfile ] && echo $$ > "$2"; shift; done\n'
+        "exec sleep 60\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("QSNAP_QSD", str(fake))
+    daemon = StorageDaemon(parse_spec(str(tmp_path / "x.qcow2")), writable=True)
+    daemon.start()
+    pid = daemon.pid
+    start = time.monotonic()
+    daemon.stop(grace=0.2)
+    assert time.monotonic() - start < daemon.timeout / 2
+    assert not os.path.exists(f"/proc/{pid}")
 
 
 def test_empty_and_raw_images_are_not_snapshots(tmp_path: Path) -> None:
