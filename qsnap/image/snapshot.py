@@ -188,10 +188,11 @@ class SnapshotImage:
     def close(self, *, graceful: bool = True, flushed: bool = False) -> None:
         """Disconnect and stop the daemon; idempotent.
 
-        ``flushed``: everything written has been flushed, so the daemon has nothing left
-        to write and is killed if it has not exited ``FLUSHED_GRACE`` seconds after
-        SIGTERM.  (Under ``exec:`` QEMU's monitor waits for qsnap to exit; a
-        qemu-storage-daemon 10.0 once took the full 30 s timeout to leave after a save.)
+        ``flushed``: everything written has been flushed.  Then, as for a read-only
+        image, the daemon has nothing left to write and is killed if it has not exited
+        ``FLUSHED_GRACE`` seconds after SIGTERM.  (Under ``exec:`` QEMU's monitor waits
+        for qsnap to exit; a qemu-storage-daemon 10.0 once took the full 30 s timeout to
+        leave after a save.)
         """
         client, self._client = self._client, None
         shared, self._shared = self._shared, None
@@ -201,7 +202,7 @@ class SnapshotImage:
             if client is not None:
                 client.close(graceful=graceful)
         finally:
-            self._daemon.stop(grace=FLUSHED_GRACE if flushed else None)
+            self._daemon.stop(grace=FLUSHED_GRACE if flushed or not self.writable else None)
 
     @property
     def client(self) -> NbdClient:
