@@ -254,7 +254,12 @@ class StorageDaemon:
                 try:
                     proc.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
-                    log.warning("qemu-storage-daemon ignored SIGTERM; killing it")
+                    # its log goes with the socket directory below: say what it said
+                    log.warning(
+                        "qemu-storage-daemon ignored SIGTERM for %g s; killing it (it said: %s)",
+                        grace,
+                        self.stderr_text(),
+                    )
                     proc.kill()
                     proc.wait(timeout=self.timeout)
             if proc.returncode not in (0, -signal.SIGTERM):

@@ -145,13 +145,14 @@ def test_socket_dir_is_private_and_daemon_is_cleaned_up(tmp_path: Path) -> None:
 
 
 def test_a_daemon_deaf_to_sigterm_is_killed_after_the_grace(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """stop(grace=...) waits that long, not the whole timeout (a flushed image has
-    nothing left to lose, and QEMU's monitor waits for qsnap under exec:)."""
+    nothing left to lose, and QEMU's monitor waits for qsnap under exec:), and the
+    warning keeps what the daemon said (its log is deleted with the socket directory)."""
     fake = tmp_path / "qsd"
     fake.write_text(
-        "#!/bin/sh\ntrap '' TERM\n"
+        "#!/bin/sh\ntrap '' TERM\necho 'qemu-storage-daemon: stuck in shutdown' >&2\n"
         'while [ "$#" -gt 1 ]; do [ "$1" = --pidfile ] && echo $$ > "$2"; shift; done\n'
         "exec sleep 60\n"
     )
@@ -164,6 +165,9 @@ def test_a_daemon_deaf_to_sigterm_is_killed_after_the_grace(
     daemon.stop(grace=0.2)
     assert time.monotonic() - start < daemon.timeout / 2
     assert not os.path.exists(f"/proc/{pid}")
+    assert caplog.messages == [
+        "qemu-storage-daemon ignored SIGTERM for 0.2 s; killing it (it said: stuck in shutdown)"
+    ]
 
 
 def test_empty_and_raw_images_are_not_snapshots(tmp_path: Path) -> None:
