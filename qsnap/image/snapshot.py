@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = layout.MiB
 WRITE_SLOT = 2 * layout.MiB
-FLUSHED_GRACE = 5.0  # seconds for the daemon to exit once all was flushed (see close())
 """The largest write that goes through shared memory (one slot; larger ones use NBD)."""
+FLUSHED_GRACE = 5.0  # seconds for the daemon to exit once all was flushed (see close())
 
 
 @dataclass(frozen=True)
