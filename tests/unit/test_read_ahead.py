@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 import pytest
@@ -114,18 +114,26 @@ def test_a_read_error_is_raised_at_the_hand_over() -> None:
         list(ahead.take())
 
 
+@contextmanager
+def backlog_then_more() -> Iterator[tuple[Callable[[int], bytes], threading.Thread]]:
+    """A save's reads over 4 MiB the child took during start-up (its limit), and the
+    writer of 3 MiB more, which do not fit in the 1 MiB pipe: it ends only if the reads
+    take them off the pipe."""
+    with pipe() as (r, w):
+        ahead = ReadAhead.start(r, limit=4 << 20)
+        writer(w, b"a" * (4 << 20), close=False).join(10)
+        wait_for(ahead, 4 << 20)
+        more = writer(w, b"b" * (3 << 20), close=True)
+        yield _stdin_reader(5.0, ahead), more
+
+
 @pytest.mark.parametrize("size", [1 << 20, READ_SIZE])
 def test_the_pipe_is_drained_while_the_start_up_backlog_is_parsed(size: int) -> None:
     """QEMU goes on writing while qsnap parses what came in during start-up: the reads
     that hand out that backlog also take from the pipe, so the writer is not stalled
     until the backlog is gone (it would stall: 3 MiB do not fit in the 1 MiB pipe), also
     when the save reads less at a time than the child stored at a time."""
-    with pipe() as (r, w):
-        ahead = ReadAhead.start(r, limit=4 << 20)
-        writer(w, b"a" * (4 << 20), close=False).join(10)
-        wait_for(ahead, 4 << 20)
-        more = writer(w, b"b" * (3 << 20), close=True)
-        read = _stdin_reader(5.0, ahead)
+    with backlog_then_more() as (read, more):
         got = b""
         while not got.endswith(b"b") and more.is_alive():
             got += read(size)
@@ -143,12 +151,7 @@ def test_what_is_held_while_the_backlog_is_parsed_is_bounded(
     """Draining the pipe during the catch-up holds what it took in memory: beyond
     CATCH_UP_HELD the writer waits (3 MiB more than the child took cannot all go in)."""
     monkeypatch.setattr(qsnap.save, "CATCH_UP_HELD", 256 << 10)
-    with pipe() as (r, w):
-        ahead = ReadAhead.start(r, limit=4 << 20)
-        writer(w, b"a" * (4 << 20), close=False).join(10)
-        wait_for(ahead, 4 << 20)
-        more = writer(w, b"b" * (3 << 20), close=True)
-        read = _stdin_reader(5.0, ahead)
+    with backlog_then_more() as (read, more):
         got = b""
         while len(got) < 4 << 20:
             got += read(READ_SIZE)
