@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType, ModuleType
 
+from qsnap.launch import command_of
+
 TYPE_CHECKING = False  # not typing's: importing it costs every save ~4 ms of start-up
 if TYPE_CHECKING:
     from qsnap.read_ahead import ReadAhead
@@ -271,7 +273,7 @@ def _plugin_exists(module: str) -> bool:
 def main(argv: list[str] | None = None, *, ahead: ReadAhead | None = None) -> int:
     """``ahead``: what has been reading stdin for ``save`` (see :mod:`qsnap.launch`)."""
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
+    command = command_of(argv)
     parser = build_parser(command if command in BUILTIN or command in PLUGINS else None)
     args = parser.parse_args(argv)
     args.read_ahead = ahead

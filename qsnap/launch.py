@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from qsnap.read_ahead import ReadAhead
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand of a ``qsnap`` command line: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def _read_ahead(saving: bool, argv: list[str]) -> ReadAhead | None:
     if not saving or "-h" in argv or "--help" in argv or sys.stdin is None or os.isatty(0):
         return None  # (no stdin at all: fd 0 may be anything qsnap opens next)
@@ -29,8 +34,7 @@ def _read_ahead(saving: bool, argv: list[str]) -> ReadAhead | None:
 def main() -> int:
     """``qsnap``."""
     argv = sys.argv[1:]
-    command = next((a for a in argv if not a.startswith("-")), None)
-    ahead = _read_ahead(command == "save", argv)
+    ahead = _read_ahead(command_of(argv) == "save", argv)
     from qsnap.cli import main as run
 
     return run(argv, ahead=ahead)
