@@ -25,12 +25,13 @@ from qsnap.image.errors import ImageError, NbdError
 from qsnap.image.layout import BlockEntry, Header, pass_names
 from qsnap.image.snapshot import SnapshotImage, describe_incomplete
 from qsnap.image.spec import BlockdevSpec
-from qsnap.image.writer import ImageWriter, RamSetup, StreamPrologue, WriteStats
+from qsnap.image.writer import ImageWriter, LentPages, RamSetup, StreamPrologue, WriteStats
+from qsnap.page_scatter import PageScatter
 from qsnap.read_ahead import Backlog, ReadAhead, grow_pipe
 from qsnap.stream import StreamError, StreamOptions, StreamReader
 from qsnap.stream import records as r
 from qsnap.stream.constants import RAM_IDSTR
-from qsnap.stream.reader import RamPageRun, RamZeroRun
+from qsnap.stream.reader import PageAhead, RamPageRun, RamZeroRun
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ class SaveResult:
             "zero_pages": self.stats.zero_pages,
             "device_state_bytes": self.stats.device_state_bytes,
             "written_bytes": self.stats.written_bytes,
+            "in_place_pages": self.stats.in_place_pages,
             "shared_writes": self.shared_writes,
             "peak_rss_kib": own.ru_maxrss,
             "read_ahead_bytes": self.read_ahead_bytes,
@@ -146,6 +148,14 @@ class StreamSaver:
         self.ram_setup_done = False
         self.device_state_at: int | None = None
         self.ended = False
+        self._scatters: dict[int, PageScatter] = {}
+
+    def scatter(self, lent: LentPages) -> PageScatter:
+        """The scatter list of a slot (see :func:`_read_pages_in_place`), made once."""
+        fill = self._scatters.get(lent.slot)
+        if fill is None:
+            fill = self._scatters[lent.slot] = PageScatter(lent.memory, self.reader.page_size)
+        return fill
 
     def feed(self, data: bytes) -> None:
         if not self.ram_setup_done:
@@ -288,7 +298,7 @@ def _keep_buffers_mapped() -> None:
         log.debug("mallopt: %s", exc)
 
 
-def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[int], bytes]:
+class StdinReader:
     """Reads of stdin, each waiting at most ``timeout`` s for data.
 
     The first reads hand out what ``ahead``'s child stored, while it goes on reading
@@ -302,81 +312,152 @@ def _stdin_reader(timeout: float, ahead: ReadAhead | None = None) -> Callable[[i
     before any topping up, held QEMU up: under load the wake-up came after the pipe
     had filled.)
     """
-    _keep_buffers_mapped()
-    if ahead is None:
-        fd = sys.stdin.fileno()
-        grow_pipe(fd)
-    else:
-        fd = ahead.fd  # grown when it started
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    received = 0
-    early: Backlog | None = None  # what the start-up child read, and goes on reading
-    backlog: collections.deque[bytes] = collections.deque()  # read while that is parsed
-    held = 0  # bytes in backlog
-    ended = False
 
-    def read(n: int) -> bytes:
-        nonlocal received, ahead, ended, early, held
-        if ahead is not None:
-            early = ahead.take()
-            ahead = None
+    def __init__(
+        self, timeout: float, ahead: ReadAhead | None = None, fd: int | None = None
+    ) -> None:
+        _keep_buffers_mapped()
+        if ahead is None:
+            self.fd = sys.stdin.fileno() if fd is None else fd
+            grow_pipe(self.fd)
+        else:
+            self.fd = ahead.fd  # grown when it started
+        self.timeout = timeout
+        self._ahead = ahead
+        self._poller = select.poll()
+        self._poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        self.received = 0
+        self._early: Backlog | None = None  # what the start-up child read, and goes on reading
+        self._backlog: collections.deque[bytes] = collections.deque()  # read while that is parsed
+        self._held = 0  # bytes in backlog
+        self.ended = False
+
+    @property
+    def direct(self) -> bool:
+        """Whether the next bytes come from stdin itself (nothing read ahead is left)."""
+        return self._ahead is None and self._early is None and not self._backlog
+
+    def __call__(self, n: int) -> bytes:
+        if self._ahead is not None:
+            self._early = self._ahead.take()
+            self._ahead = None
         data = None
+        early = self._early
         if early is not None:
             data = next(early, None)
             if data is None:
-                ended = early.ended
-                early = None
-        if data is None and backlog:
-            data = backlog.popleft()
-            held -= len(data)
+                self.ended = early.ended
+                self._early = early = None
+        if data is None and self._backlog:
+            data = self._backlog.popleft()
+            self._held -= len(data)
         if data is not None:
             # Once the child has stopped at its limit, tens of MiB may be left to parse:
             # keep the pipe drained meanwhile, or QEMU stalls on it once it is full.  As
             # much as is handed out: the child's chunks can be larger than ``n``.
             if (
                 (early is None or not early.child_reading)
-                and not ended
-                and held < CATCH_UP_HELD
-                and poller.poll(0)
+                and not self.ended
+                and self._held < CATCH_UP_HELD
+                and self._poller.poll(0)
             ):
-                more = os.read(fd, max(n, len(data)))
+                more = os.read(self.fd, max(n, len(data)))
                 if more:
-                    backlog.append(more)
-                    held += len(more)
+                    self._backlog.append(more)
+                    self._held += len(more)
                 else:
-                    ended = True
-            received += len(data)
+                    self.ended = True
+            self.received += len(data)
             return data
-        if ended:
+        if self.ended:
             return b""
-        if not poller.poll(timeout * 1000):
-            raise StalledStream(f"byte {received}: no stream data for {timeout:g} s")
-        data = os.read(fd, n)
+        self._wait()
+        data = os.read(self.fd, n)
         if not data:
-            ended = True
+            self.ended = True
         elif len(data) < min(SMALL_READ, n):
-            data = top_up(data, n)
-        received += len(data)
+            data = self._top_up(data, n)
+        self.received += len(data)
         return data
 
-    def top_up(data: bytes, n: int) -> bytes:
-        nonlocal ended
+    def readv(self, buffers: list[memoryview]) -> int:
+        """Read into ``buffers`` in order (only when :attr:`direct`); 0 at the end."""
+        if self.ended:
+            return 0
+        self._wait()
+        n = os.readv(self.fd, buffers)
+        if not n:
+            self.ended = True
+        self.received += n
+        return n
+
+    def nap(self) -> None:
+        """After a small read: one wake-up for several of QEMU's writes."""
+        time.sleep(GATHER_NAP)
+
+    def _wait(self) -> None:
+        if not self._poller.poll(self.timeout * 1000):
+            raise StalledStream(f"byte {self.received}: no stream data for {self.timeout:g} s")
+
+    def _top_up(self, data: bytes, n: int) -> bytes:
         parts = [data]
         size = len(data)
         while size < min(SMALL_READ, n):
             time.sleep(GATHER_NAP)  # one wake-up for several of QEMU's writes
-            if not poller.poll(0) and not poller.poll(GATHER_WAIT_MS):
+            if not self._poller.poll(0) and not self._poller.poll(GATHER_WAIT_MS):
                 break
-            more = os.read(fd, n - size)
+            more = os.read(self.fd, n - size)
             if not more:
-                ended = True
+                self.ended = True
                 break
             parts.append(more)
             size += len(more)
         return b"".join(parts)
 
-    return read
+
+def _read_pages_in_place(source: StdinReader, saver: StreamSaver, ahead: PageAhead) -> int | None:
+    """Read the data pages that continue ``ahead`` straight into slots of shared memory.
+
+    See :mod:`qsnap.page_scatter`.  Slot after slot while the prediction holds, to the
+    end of the block at most.  Returns the bytes read, or None when writes do not go
+    through shared memory.
+    """
+    reader, writer = saver.reader, saver.writer
+    page_size = reader.page_size
+    offset, word, room, received = ahead.offset, ahead.word, ahead.room, ahead.received
+    got = done = 0
+    while True:
+        lent = writer.lend_pages(ahead.block, offset, page_size)
+        if lent is None:
+            if not done:
+                return None
+            break
+        try:
+            fill = saver.scatter(lent)
+            fill.start(word, min(lent.room, room))
+            fill.place(received)
+            while fill.open:
+                n = source.readv(fill.vectors(READ_SIZE))
+                if not n:
+                    break
+                fill.received(n)
+                got += n
+                if n < fill.asked and fill.open:
+                    source.nap()
+        except BaseException:
+            writer.write_lent(lent, 0)
+            raise
+        writer.write_lent(lent, fill.good)
+        done += fill.good
+        room -= fill.good
+        if fill.broken or fill.good < fill.pages or not room or source.ended:
+            break
+        offset += fill.good * page_size
+        word += fill.good * page_size
+        received = b""
+    reader.skip_pages(done)
+    saver.feed(fill.rest())  # from the first record that was not such a page
+    return got
 
 
 def save(
@@ -398,7 +479,7 @@ def save(
     and the host allow (see :class:`SnapshotImage`); False keeps everything on NBD.
     """
     if read is None:
-        read = _stdin_reader(timeout, ahead)
+        read = StdinReader(timeout, ahead)
 
     start = time.monotonic()
     ticker = _Progress(progress)
@@ -407,7 +488,20 @@ def save(
             writer = ImageWriter(image)
             saver = StreamSaver(writer, vmstate_only=vmstate_only, page_size=page_size)
             total = 0
-            while data := read(READ_SIZE):
+            stdin = read if isinstance(read, StdinReader) else None
+            while True:
+                if stdin is not None and stdin.direct and not stdin.ended:
+                    receiving = saver.reader.page_ahead()
+                    if receiving is not None:
+                        got = _read_pages_in_place(stdin, saver, receiving)
+                        if got is not None:
+                            total += got
+                            ticker.tick(total, writer.stats)
+                            continue
+                        stdin = None  # no shared memory
+                data = read(READ_SIZE)
+                if not data:
+                    break
                 total += len(data)
                 saver.feed(data)
                 ticker.tick(total, writer.stats)

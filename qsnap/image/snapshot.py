@@ -326,6 +326,29 @@ class SnapshotImage:
             except VhostWriteError as exc:
                 self._rewrite(exc)
 
+    def lend_slot(self) -> tuple[int, memoryview] | None:
+        """A shared-memory slot to fill in place and write with :meth:`write_slot`.
+
+        None without shared writes.  Hand it back unwritten with :meth:`return_slot`.
+        """
+        shared = self._shared
+        if shared is None or not shared.writable:
+            return None
+        while True:
+            try:
+                return shared.lend()
+            except VhostWriteError as exc:
+                self._rewrite(exc)
+
+    def write_slot(self, slot: int, offset: int, length: int) -> None:
+        """Queue the write of a lent slot's first ``length`` bytes at ``offset``."""
+        assert self._shared is not None
+        self._shared.write_lent(slot, offset, length)
+
+    def return_slot(self, slot: int) -> None:
+        assert self._shared is not None
+        self._shared.give_back(slot)
+
     def drain(self) -> None:
         """Wait for every write in flight on both transports; raise the first error."""
         self.client.drain()

@@ -254,6 +254,28 @@ class VhostBlkDevice:
         self._writes[slot] = _Write(offset, length)
         self._submit(slot, BlkRequest.OUT, offset, length)
 
+    def lend(self) -> tuple[int, memoryview]:
+        """A free slot for the caller to fill in place: its number and its memory.
+
+        It goes back with :meth:`write_lent` (as a write) or :meth:`give_back`.  Raises
+        like :meth:`write` does, before any slot is taken.
+        """
+        if not self.writable:
+            raise VhostUserError("vhost-user-blk device opened read-only")
+        slot = self._slot()
+        start = self._slot_data(slot)
+        return slot, memoryview(self._memory)[start : start + self.slot_size]
+
+    def write_lent(self, slot: int, offset: int, length: int) -> None:
+        """Queue the write of the first ``length`` bytes of a lent slot, as they are."""
+        self._check_range("write", offset, length)
+        self._writes[slot] = _Write(offset, length)
+        self._submit(slot, BlkRequest.OUT, offset, length)
+
+    def give_back(self, slot: int) -> None:
+        """A lent slot that was not written after all."""
+        self._free.append(slot)
+
     def drain(self) -> None:
         """Wait for every write in flight; raise the first failure (once each)."""
         self._check()

@@ -56,6 +56,22 @@ class WriteStats:
     zero_pages: int = 0
     device_state_bytes: int = 0
     written_bytes: int = 0
+    in_place_pages: int = 0  # read from the stream straight into shared memory
+
+
+@dataclass(frozen=True)
+class LentPages:
+    """A slot of memory shared with the daemon, for data pages of ``block`` from ``offset``.
+
+    ``room`` pages fit (the slot's size, or what is left of the block).
+    """
+
+    block: str
+    offset: int
+    page_size: int
+    slot: int
+    memory: memoryview
+    room: int
 
 
 class _BlockState:
@@ -279,19 +295,7 @@ class ImageWriter:
         page_size = len(pages[0])
         if sum(map(len, pages)) != count * page_size:
             raise ImageError(f"pages of different sizes in a run at {block!r}+{offset:#x}")
-        state = self._locate(block, offset, page_size, count)
-        index = offset // page_size
-        written = state.written
-        if written.find(1, index, index + count) >= 0:
-            # sent again (precopy resends dirty pages): writes in flight are not
-            # ordered, so the older copy must land first
-            self._flush_buffer()
-            self.image.drain()
-        written[index : index + count] = b"\1" * count
-        d = (state.digest_base + index) * DIGEST_SIZE
-        self._digests[d : d + count * DIGEST_SIZE] = b"".join(map(self._digest, pages))
-        self.stats.data_pages += count
-        image_offset = state.entry.image_offset + offset
+        image_offset = self._account(block, offset, pages, page_size)
         done = 0
         while done < count:
             if self._buf_len and image_offset != self._buf_start + self._buf_len:
@@ -314,6 +318,63 @@ class ImageWriter:
             done += take
             if self._buf_len >= self._max_write or len(self._parts) >= MAX_PARTS:
                 self._flush_buffer()
+
+    def _account(
+        self, block: str, offset: int, pages: Sequence[bytes | memoryview], page_size: int
+    ) -> int:
+        """Digests, written map and counts of a run of data pages; where they go."""
+        count = len(pages)
+        state = self._locate(block, offset, page_size, count)
+        index = offset // page_size
+        written = state.written
+        if written.find(1, index, index + count) >= 0:
+            # sent again (precopy resends dirty pages): writes in flight are not
+            # ordered, so the older copy must land first
+            self._flush_buffer()
+            self.image.drain()
+        written[index : index + count] = b"\1" * count
+        d = (state.digest_base + index) * DIGEST_SIZE
+        self._digests[d : d + count * DIGEST_SIZE] = b"".join(map(self._digest, pages))
+        self.stats.data_pages += count
+        return state.entry.image_offset + offset
+
+    def lend_pages(self, block: str, offset: int, page_size: int) -> LentPages | None:
+        """Memory shared with the daemon for the data pages of ``block`` from ``offset``.
+
+        The caller fills the first pages in place, then :meth:`write_lent` says how
+        many it filled.  None when writes do not go through shared memory.
+        """
+        state = self._locate(block, offset, page_size)
+        lent = self.image.lend_slot()
+        if lent is None:
+            return None
+        slot, memory = lent
+        room = min(len(memory), state.entry.used_length - offset) // page_size
+        return LentPages(block, offset, page_size, slot, memory, room)
+
+    def write_lent(self, lent: LentPages, count: int) -> None:
+        """Store the first ``count`` pages of ``lent`` (none: the memory goes back unused)."""
+        if not 0 <= count <= lent.room:
+            raise ValueError(f"{count} pages written in a slot of {lent.room}")
+        if not count:
+            self.image.return_slot(lent.slot)
+            return
+        size = lent.page_size
+        memory = lent.memory
+        pages = list(
+            map(
+                memory.__getitem__,
+                map(slice, range(0, count * size, size), range(size, (count + 1) * size, size)),
+            )
+        )
+        try:
+            image_offset = self._account(lent.block, lent.offset, pages, size)
+        except BaseException:
+            self.image.return_slot(lent.slot)
+            raise
+        self.image.write_slot(lent.slot, image_offset, count * size)
+        self.stats.written_bytes += count * size
+        self.stats.in_place_pages += count
 
     def zero(self, block: str, offset: int, page_size: int) -> None:
         """A zero page costs no I/O unless this save already wrote data there."""

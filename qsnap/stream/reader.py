@@ -154,6 +154,21 @@ class RamZeroRun:
 Batch = r.Record | RamPageRun | RamZeroRun
 
 
+@dataclass(frozen=True, slots=True)
+class PageAhead:
+    """A data page being received (see :meth:`StreamReader.page_ahead`).
+
+    ``word`` is its header as sent (offset | flags); ``room`` the pages from it to the
+    end of the block; ``received`` the bytes of the record fed so far.
+    """
+
+    block: str
+    offset: int
+    word: int
+    room: int
+    received: bytes
+
+
 def _type_name(byte: int) -> str:
     try:
         return SectionType(byte).name
@@ -302,6 +317,47 @@ class StreamReader:
             leftover, self._leftover = self._leftover, []
             return iter(leftover)
         return chain.from_iterable(self._segments(batched=True))
+
+    def page_ahead(self) -> PageAhead | None:
+        """The record being received, when it is a data page of the current RAM block.
+
+        That is, all that is left unparsed is the start of one CONTINUE data record
+        (its header at least) inside the block.  A caller may then read the records
+        that follow itself (see :mod:`qsnap.page_scatter`) and say how many of them
+        were data pages with :meth:`skip_pages`.
+        """
+        if (
+            self._state is not _RAM
+            or self._bridged is not None
+            or self._leftover
+            or self._error is not None
+            or self._closed
+            or self._last_block is None
+        ):
+            return None
+        pos, buf = self._pos, self._buf
+        if not 8 <= len(buf) - pos < 8 + self.page_size:
+            return None
+        word = _BE64.unpack_from(buf, pos)[0]
+        flags = word & (self.page_size - 1)
+        addr = word ^ flags
+        name, length = self._last_block
+        if flags != _PAGE_C or addr >= length:
+            return None
+        return PageAhead(name, addr, word, (length - addr) // self.page_size, buf[pos:])
+
+    def skip_pages(self, count: int) -> None:
+        """The caller took ``count`` data pages from the one :meth:`page_ahead` named.
+
+        They continued it one page at a time, in its block (the caller checked their
+        headers); the bytes fed of the first one are dropped.  With ``count`` 0 the
+        caller only takes those bytes back, to feed them again.
+        """
+        if self.page_ahead() is None:
+            raise ValueError("skip_pages() without a data page being received")
+        self._base += self._pos + count * (8 + self.page_size)
+        self._buf = b""
+        self._pos = 0
 
     def _segments(self, batched: bool = False) -> Iterator[Iterable[Batch]]:
         # RAM records come from one generator per run, chained in C: a generator

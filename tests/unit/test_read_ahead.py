@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import qsnap.save
 from qsnap.read_ahead import ReadAhead
-from qsnap.save import READ_SIZE, SMALL_READ, StalledStream, _stdin_reader
+from qsnap.save import READ_SIZE, SMALL_READ, StalledStream, StdinReader
 
 
 @contextmanager
@@ -65,7 +65,7 @@ def test_hands_over_a_prefix_then_the_reader_goes_on(data: bytes, limit: int) ->
         ahead = ReadAhead.start(r, limit=limit)
         t = writer(w, data, close=True)
         wait_for(ahead, min(limit, len(data)))
-        read = _stdin_reader(5.0, ahead)
+        read = StdinReader(5.0, ahead)
         got = b""
         while chunk := read(1 << 20):
             got += chunk
@@ -91,7 +91,7 @@ def test_end_of_input_during_start_up() -> None:
         writer(w, b"QEVM", close=True)
         child_done(ahead)
         assert ahead.buffered() == (4, True)
-        read = _stdin_reader(5.0, ahead)
+        read = StdinReader(5.0, ahead)
         assert read(10) == b"QEVM"
         assert read(10) == b""
 
@@ -101,7 +101,7 @@ def test_a_stalled_source_still_times_out_after_the_hand_over() -> None:
         ahead = ReadAhead.start(r)
         writer(w, b"x" * 1000, close=False)
         wait_for(ahead, 1000)
-        read = _stdin_reader(0.2, ahead)
+        read = StdinReader(0.2, ahead)
         assert read(1 << 20) == b"x" * 1000
         with pytest.raises(StalledStream, match=r"^byte 1000: no stream data for 0.2 s"):
             read(1 << 20)
@@ -124,7 +124,7 @@ def backlog_then_more() -> Iterator[tuple[Callable[[int], bytes], threading.Thre
         writer(w, b"a" * (4 << 20), close=False).join(10)
         wait_for(ahead, 4 << 20)
         more = writer(w, b"b" * (3 << 20), close=True)
-        yield _stdin_reader(5.0, ahead), more
+        yield StdinReader(5.0, ahead), more
 
 
 @pytest.mark.parametrize("size", [1 << 20, READ_SIZE])
@@ -185,7 +185,7 @@ def test_small_pieces_are_gathered_into_large_reads(monkeypatch: pytest.MonkeyPa
     pieces = [bytes([i % 251]) * (16 << 10) for i in range(96)]  # 1.5 MiB in 16 KiB
     with pipe() as (r, w):
         trickle(w, pieces, 0.0002)
-        read = _stdin_reader(5.0, ReadAhead.start(r, limit=0))
+        read = StdinReader(5.0, ReadAhead.start(r, limit=0))
         chunks = list(iter(lambda: read(1 << 20), b""))
     assert b"".join(chunks) == b"".join(pieces)
     assert all(len(c) >= SMALL_READ for c in chunks[:-1]), [len(c) for c in chunks]
@@ -199,7 +199,7 @@ def test_reads_of_any_size_hand_over_the_whole_stream(n: int, limit: int) -> Non
     pieces = [bytes([i % 251]) * (16 << 10) for i in range(48)]  # 768 KiB in 16 KiB
     with pipe() as (r, w):
         trickle(w, pieces, 0.0002)
-        read = _stdin_reader(5.0, ReadAhead.start(r, limit=limit))
+        read = StdinReader(5.0, ReadAhead.start(r, limit=limit))
         chunks = list(iter(lambda: read(n), b""))
     assert b"".join(chunks) == b"".join(pieces)
 
@@ -209,7 +209,7 @@ def test_a_pause_in_the_stream_hands_over_what_was_read() -> None:
     followed by silence is handed out long before the silence ends."""
     with pipe() as (r, w):
         trickle(w, [b"head" * 100, b"tail"], 1.0)
-        read = _stdin_reader(5.0, ReadAhead.start(r, limit=0))
+        read = StdinReader(5.0, ReadAhead.start(r, limit=0))
         start = time.monotonic()
         first = read(1 << 20)
         waited = time.monotonic() - start
@@ -252,7 +252,7 @@ def test_the_child_goes_on_reading_while_its_backlog_is_handed_out() -> None:
         more = writer(w, data[: 1 << 20], close=False)
         wait_for(ahead, 1 << 20)
         more.join(10)
-        read = _stdin_reader(5.0, ahead)
+        read = StdinReader(5.0, ahead)
         got = read(1 << 20)  # the hand-over
         rest = writer(w, data[1 << 20 :], close=True)
         rest.join(10)
