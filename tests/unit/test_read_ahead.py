@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -275,3 +276,23 @@ def test_the_child_s_cpu_time_is_known_once_it_is_stopped() -> None:
         t.join(10)
         assert ahead.buffered()[0] == size
         assert ahead.cpu_seconds > 0.0  # moving 48 MiB through splice costs tens of ms
+
+
+def test_a_file_is_read_ahead_across_store_pipes(tmp_path: Path) -> None:
+    """Not a pipe: read and written into the store pipes (no more than fits in each);
+    the hand-over then reads on from the file where the child stopped."""
+    data = os.urandom(3 << 20)
+    path = tmp_path / "stream"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ahead = ReadAhead.start(fd, limit=(2 << 20) + 12345)
+        child_done(ahead)
+        assert ahead.buffered() == ((2 << 20) + 12345, False)
+        read = StdinReader(5.0, ahead)
+        got = b""
+        while chunk := read(1 << 20):
+            got += chunk
+        assert got == data
+    finally:
+        os.close(fd)
