@@ -28,6 +28,7 @@ import os
 import select
 import stat
 import struct
+import time
 
 
 def _debug(message: str, *args: object) -> None:
@@ -44,6 +45,15 @@ SPLICE_SIZE = 128 << 10
 writes wait for that lock (with 1 MiB splices into a memfd, which copied, QEMU slept
 0.65 ms of every 3.3 ms during start-up)."""
 _NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
+STORE_SLACK = 3 / 2
+"""Store pipes of 1 MiB for 1.5 times ``limit``: QEMU's pipe buffers come about two
+thirds full (they are pages; a write's last one is shared with the next write only
+while it is still in stdin's pipe), and the bound is on the stream's bytes."""
+NAP = 0.0003
+"""After a short splice.  ``splice`` moves whole pipe buffers, the last one often
+partly filled (QEMU goes on appending to it): spliced as soon as they arrived, the
+store pipes held 35 of their 64 MiB.  QEMU writes 100-200 KiB meanwhile, far from
+filling the 1 MiB pipe."""
 _STATE = struct.Struct("<Q?i?")
 """Shared between the child and the parent: bytes stored, input ended, errno of a failure,
 and whether the child has stopped reading."""
@@ -80,10 +90,13 @@ def _fill(fd: int, store: list[int], limit: int, state: mmap.mmap, stop: int) ->
                 if any(f == stop for f, _ in poller.poll()):
                     return  # the parent takes over (or is gone)
                 if pipe:
+                    want = min(SPLICE_SIZE, limit - size)
                     try:
-                        n = os.splice(fd, out, min(SPLICE_SIZE, limit - size), flags=_NONBLOCK)
+                        n = os.splice(fd, out, want, flags=_NONBLOCK)
                     except BlockingIOError:  # this store pipe is full (stdin is not empty)
                         break
+                    if 0 < n < want:
+                        time.sleep(NAP)  # let QEMU fill its last buffer, and more
                 else:
                     data = os.read(fd, min(READ_SIZE, limit - size, room))
                     view = memoryview(data)
@@ -164,13 +177,14 @@ class ReadAhead:
             os.close(w)
 
     def _store_pipes(self) -> list[int]:
-        """Pipes of 1 MiB for ``limit`` bytes; their write ends (the read ends are kept).
+        """Pipes of 1 MiB for ``limit`` bytes (and slack); their write ends (the read ends
+        are kept).
 
         Fewer when the system allows no more (an unprivileged user's pipe buffers are
         bounded by fs.pipe-user-pages-soft, 64 MiB in all by default).
         """
         writers: list[int] = []
-        for _ in range(-(-self.limit // PIPE_SIZE)):
+        for _ in range(-(-int(self.limit * STORE_SLACK) // PIPE_SIZE)):
             r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
