@@ -10,7 +10,6 @@ is streamed to the device-state region.  Nothing is ever written to stdout: unde
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import logging
 import os
@@ -45,9 +44,6 @@ READ_SIZE = 256 << 10
 reads (medians of three runs of 10-12 alternated rounds): the pipe is emptied in smaller,
 more frequent bites, and a read holds the pipe's lock, which QEMU's writes wait for,
 while it copies."""
-CATCH_UP_HELD = 32 << 20
-"""The most taken off the pipe and held in memory while the start-up backlog is parsed
-(that backlog stays in the child's memfd): peak RSS stays bounded, QEMU waits beyond it."""
 MAX_SETUP = 4 << 20
 PROGRESS_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 300.0
@@ -302,15 +298,15 @@ class StdinReader:
     """Reads of stdin, each waiting at most ``timeout`` s for data.
 
     The first reads hand out what ``ahead``'s child stored, while it goes on reading
-    until they catch up with it.  After that, stdin is read here, not ahead in another
-    thread or process throughout: a read-ahead thread took the stream in the
-    pieces QEMU writes (tens of KiB) and paid a GIL hand-off per piece, which cost more
-    CPU than it saved waiting.  A small read is topped up with what follows until there
-    is enough to be worth parsing, in short naps (0.3 ms): QEMU writes 14-32 KiB at a
-    time, and waking for each piece cost qsnap a fifth more CPU.  The pipe stays far
-    from full, so QEMU does not wait on it.  (A single 1 ms sleep after a small read,
-    before any topping up, held QEMU up: under load the wake-up came after the pipe
-    had filled.)
+    until they catch up with it (or it reaches its bound: QEMU then waits until they
+    have).  After that, stdin is read here, not ahead in another thread or process
+    throughout: a read-ahead thread took the stream in the pieces QEMU writes (tens of
+    KiB) and paid a GIL hand-off per piece, which cost more CPU than it saved waiting.
+    A small read is topped up with what follows until there is enough to be worth
+    parsing, in short naps (0.3 ms): QEMU writes 14-32 KiB at a time, and waking for
+    each piece cost qsnap a fifth more CPU.  The pipe stays far from full, so QEMU does
+    not wait on it.  (A single 1 ms sleep after a small read, before any topping up,
+    held QEMU up: under load the wake-up came after the pipe had filled.)
     """
 
     def __init__(
@@ -328,47 +324,25 @@ class StdinReader:
         self._poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         self.received = 0
         self._early: Backlog | None = None  # what the start-up child read, and goes on reading
-        self._backlog: collections.deque[bytes] = collections.deque()  # read while that is parsed
-        self._held = 0  # bytes in backlog
+        self._from_stdin = False  # where the last read came from
         self.ended = False
 
-    @property
-    def direct(self) -> bool:
-        """Whether the next bytes come from stdin itself (nothing read ahead is left)."""
-        return self._ahead is None and self._early is None and not self._backlog
-
-    def __call__(self, n: int) -> bytes:
+    def _backlog(self) -> Backlog | None:
         if self._ahead is not None:
             self._early = self._ahead.take()
             self._ahead = None
-        data = None
-        early = self._early
+        return self._early
+
+    def __call__(self, n: int) -> bytes:
+        early = self._backlog()
         if early is not None:
-            data = next(early, None)
-            if data is None:
-                self.ended = early.ended
-                self._early = early = None
-        if data is None and self._backlog:
-            data = self._backlog.popleft()
-            self._held -= len(data)
-        if data is not None:
-            # Once the child has stopped at its limit, tens of MiB may be left to parse:
-            # keep the pipe drained meanwhile, or QEMU stalls on it once it is full.  As
-            # much as is handed out: the child's chunks can be larger than ``n``.
-            if (
-                (early is None or not early.child_reading)
-                and not self.ended
-                and self._held < CATCH_UP_HELD
-                and self._poller.poll(0)
-            ):
-                more = os.read(self.fd, max(n, len(data)))
-                if more:
-                    self._backlog.append(more)
-                    self._held += len(more)
-                else:
-                    self.ended = True
-            self.received += len(data)
-            return data
+            data = early.read(n)
+            if data:
+                self.received += len(data)
+                self._from_stdin = False
+                return data
+            self.ended = early.ended
+            self._early = None
         if self.ended:
             return b""
         self._wait()
@@ -378,10 +352,20 @@ class StdinReader:
         elif len(data) < min(SMALL_READ, n):
             data = self._top_up(data, n)
         self.received += len(data)
+        self._from_stdin = True
         return data
 
     def readv(self, buffers: list[memoryview]) -> int:
-        """Read into ``buffers`` in order (only when :attr:`direct`); 0 at the end."""
+        """Read into ``buffers`` in order; 0 at the end."""
+        early = self._backlog()
+        if early is not None:
+            n = early.readv(buffers)
+            if n:
+                self.received += n
+                self._from_stdin = False
+                return n
+            self.ended = early.ended
+            self._early = None
         if self.ended:
             return 0
         self._wait()
@@ -389,11 +373,13 @@ class StdinReader:
         if not n:
             self.ended = True
         self.received += n
+        self._from_stdin = True
         return n
 
     def nap(self) -> None:
-        """After a small read: one wake-up for several of QEMU's writes."""
-        time.sleep(GATHER_NAP)
+        """After a small read of stdin: one wake-up for several of QEMU's writes."""
+        if self._from_stdin:
+            time.sleep(GATHER_NAP)
 
     def _wait(self) -> None:
         if not self._poller.poll(self.timeout * 1000):
@@ -490,7 +476,7 @@ def save(
             total = 0
             stdin = read if isinstance(read, StdinReader) else None
             while True:
-                if stdin is not None and stdin.direct and not stdin.ended:
+                if stdin is not None and not stdin.ended:
                     receiving = saver.reader.page_ahead()
                     if receiving is not None:
                         got = _read_pages_in_place(stdin, saver, receiving)
