@@ -165,10 +165,14 @@ def main() -> int:
         print(f"image host file        {host / MiB:.1f} MiB  ({host / max(nonzero, 1):.3f} x)")
         print(f"qsnap peak RSS         {summary['peak_rss_kib'] / 1024:.1f} MiB, plus "
               f"{summary['read_ahead_bytes'] / MiB:.1f} MiB taken off stdin during start-up "
-              "(a memfd, not mapped by qsnap)")  # fmt: skip
+              "(QEMU's pipe buffers, held in pipes)")  # fmt: skip
         finish = summary["seconds"] - summary["stream_seconds"]
-        print(f"qsnap phases (last)    stream {summary['stream_seconds']:.2f} s from image open, "
-              f"then digests, flush and header {finish:.2f} s")  # fmt: skip
+        print(
+            f"qsnap phases (last)    stream {summary['stream_seconds']:.2f} s from image open, "
+            f"then digests, flush and header {finish:.2f} s"
+        )
+        print(f"pages read in place    {summary['in_place_pages']} of {summary['data_pages']} "
+              "(readv past their headers into shared memory)")  # fmt: skip
         gib = summary["stream_bytes"] / (1 << 30)
         shared = "vhost-user-blk, shared memory" if summary.get("shared_writes") else "NBD"
         print(f"qsnap page writes      {shared}")
