@@ -16,13 +16,16 @@ Sans-I/O: :class:`PageScatter` says where the next bytes go and what they were.
 
 from __future__ import annotations
 
+import functools
 import struct
-from itertools import chain, compress, count
-from operator import ne
+from itertools import chain
+
+from qsnap.stream.reader import run_length
 
 HEADER = 8
 
 
+@functools.cache
 def _headers(n: int) -> struct.Struct:
     return struct.Struct(f">{n}Q")
 
@@ -41,7 +44,7 @@ class PageScatter:
         self.page_size = page_size
         self.step = HEADER + page_size
         self.capacity = len(slot) // page_size
-        self.word = self.pages = self.placed = self.good = self._checked = 0
+        self.word = self.pages = self.placed = self.good = self.asked = self._checked = 0
         self.broken = False
         self._heads = bytearray(HEADER * self.capacity)
         heads = memoryview(self._heads)
@@ -111,15 +114,10 @@ class PageScatter:
         if headers > self._checked:
             first = self._checked
             words = _headers(headers - first).unpack_from(self._heads, HEADER * first)
-            expected = range(
-                self.word + first * self.page_size,
-                self.word + headers * self.page_size,
-                self.page_size,
-            )
-            bad = next(compress(count(), map(ne, words, expected)), None)
-            if bad is not None:
+            good = run_length(words, self.word + first * self.page_size, self.page_size)
+            if good < len(words):
                 self.broken = True
-                headers = first + bad
+                headers = first + good
             self._checked = headers
         self.good = min(self._checked, self.placed // step)
 

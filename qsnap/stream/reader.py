@@ -118,7 +118,7 @@ def _zero_words(n: int) -> struct.Struct:
     return struct.Struct(">" + "Qx" * n)
 
 
-def _run_length(words: tuple[int, ...], first: int, page_size: int) -> int:
+def run_length(words: tuple[int, ...], first: int, page_size: int) -> int:
     """How many of ``words`` go on from ``first`` a page at a time (same flags).
 
     The bulk of a snapshot is runs of CONTINUE records of one kind: their headers are
@@ -790,7 +790,7 @@ class StreamReader:
         append = pages.append
         expect = zexpect = -1  # the offset that extends the open page / zero run
         step = 8 + page_size
-        ahead = _BULK_MAX  # records checked at once while runs go on (see _run_length)
+        ahead = _BULK_MAX  # records checked at once while runs go on (see run_length)
         run_at = zeros = 0
         while True:
             if end - pos < 8:
@@ -803,7 +803,7 @@ class StreamReader:
                 if n >= _BULK_MIN:
                     n = 1 << (n.bit_length() - 1)  # few sizes of struct to cache
                     words = _page_words(n, page_size).unpack_from(buf, pos)
-                    good = _run_length(words, word, page_size)
+                    good = run_length(words, word, page_size)
                     ahead = min(2 * ahead, _BULK_MAX) if good == n else max(good, _BULK_MIN)
                     span = good * step
                     starts = range(pos + 8, pos + 8 + span, step)
@@ -823,7 +823,7 @@ class StreamReader:
                 n = min((end - pos) // 9, (length - addr) // page_size, ahead)
                 if n >= _BULK_MIN:
                     n = 1 << (n.bit_length() - 1)
-                    good = _run_length(_zero_words(n).unpack_from(buf, pos), word, page_size)
+                    good = run_length(_zero_words(n).unpack_from(buf, pos), word, page_size)
                     fills = buf[pos + 8 : pos + 9 * good : 9]
                     good -= len(fills.lstrip(b"\0"))  # up to the first bad fill byte
                     ahead = min(2 * ahead, _BULK_MAX) if good == n else max(good, _BULK_MIN)
