@@ -342,9 +342,10 @@ class StreamReader:
         flags = word & (self.page_size - 1)
         addr = word ^ flags
         name, length = self._last_block
-        if flags != _PAGE_C or addr >= length:
+        room = (length - addr) // self.page_size
+        if flags != _PAGE_C or room < 1:  # a page past the block: left to the checks
             return None
-        return PageAhead(name, addr, word, (length - addr) // self.page_size, buf[pos:])
+        return PageAhead(name, addr, word, room, buf[pos:])
 
     def skip_pages(self, count: int) -> None:
         """The caller took ``count`` data pages from the one :meth:`page_ahead` named.

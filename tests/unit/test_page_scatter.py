@@ -19,7 +19,8 @@ from stream_strategies import chunkings, valid_streams
 from test_stream_batches import expand, pages_of, read, run_streams
 
 from qsnap.page_scatter import HEADER, PageScatter
-from qsnap.stream import StreamError, StreamReader
+from qsnap.stream import RamEncoder, StreamError, StreamReader, encode, encode_footer
+from qsnap.stream import records as r
 from qsnap.stream.constants import RamFlag
 from qsnap.stream.reader import Batch, RamPageRun
 
@@ -208,3 +209,33 @@ def test_page_ahead_needs_a_data_page_of_the_current_block() -> None:
     assert reader.page_ahead() is None
     with pytest.raises(ValueError, match="without a data page"):
         reader.skip_pages(0)
+
+
+def test_no_page_ahead_for_a_page_past_the_end_of_its_block() -> None:
+    """A block whose length is not whole pages: its last, partial page is left to the
+    reader's and the writer's checks (nothing to read in place)."""
+    ram = RamEncoder(PAGE)
+    stream = b"".join(
+        [
+            encode(r.StreamHeader()),
+            encode(r.Configuration("pc-i440fx-10.0")),
+            encode(r.SectionStart(3, "ram", 0, 4)),
+            encode(
+                r.RamMemSize(  # the total must be whole pages: it shares its word with flags
+                    (r.RamBlockInfo("pc.ram", PAGE + PAGE // 2), r.RamBlockInfo("vga", PAGE // 2))
+                )
+            ),
+            encode(r.RamEos()),
+            encode_footer(3),
+            encode(r.SectionPart(3)),
+            ram.page("pc.ram", 0, b"\1" * PAGE),
+        ]
+    )
+    inside = ram.page("pc.ram", 0, b"\2" * PAGE)  # CONTINUE, inside the block
+    past = ram.page("pc.ram", PAGE, b"\3" * PAGE)  # CONTINUE, past its end
+    for follower, expected in ((inside, 1), (past, None)):
+        reader = StreamReader()
+        reader.feed(stream + follower[:100])
+        list(reader.batches())
+        ahead = reader.page_ahead()
+        assert (ahead.room if ahead is not None else None) == expected
