@@ -10,12 +10,8 @@ is streamed to the device-state region.  Nothing is ever written to stdout: unde
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import resource
-import select
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +22,8 @@ from qsnap.image.snapshot import SnapshotImage, describe_incomplete
 from qsnap.image.spec import BlockdevSpec
 from qsnap.image.writer import ImageWriter, LentPages, RamSetup, StreamPrologue, WriteStats
 from qsnap.page_scatter import PageScatter
-from qsnap.read_ahead import Backlog, ReadAhead, grow_pipe
+from qsnap.read_ahead import ReadAhead
+from qsnap.save_input import DEFAULT_TIMEOUT, READ_SIZE, StdinReader
 from qsnap.stream import StreamError, StreamOptions, StreamReader
 from qsnap.stream import records as r
 from qsnap.stream.constants import RAM_IDSTR
@@ -36,22 +33,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import TextIO
 
+    from qsnap.image.daemon import StorageDaemon
+
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 << 10
-"""The most one stdin read takes.  Smaller reads cost qsnap more CPU (0.6 -> 0.85 s for
-512 MiB of a stream that is always there), but QEMU migrated 4-9 % faster than with 1 MiB
-reads (medians of three runs of 10-12 alternated rounds): the pipe is emptied in smaller,
-more frequent bites, and a read holds the pipe's lock, which QEMU's writes wait for,
-while it copies."""
 MAX_SETUP = 4 << 20
 PROGRESS_INTERVAL = 1.0
-DEFAULT_TIMEOUT = 300.0
-SMALL_READ = 256 << 10
-GATHER_WAIT_MS = 2  # a pause in the stream this long hands over what was read
-GATHER_NAP = 0.0003  # QEMU writes 100-200 KiB meanwhile: far from filling the 1 MiB pipe
-_M_TRIM_THRESHOLD = -1  # mallopt() parameters, from glibc's malloc.h
-_M_MMAP_THRESHOLD = -3
 
 
 class SaveError(Exception):
@@ -269,138 +256,6 @@ class StreamSaver:
         return end.eof_offset - self.device_state_at
 
 
-class StalledStream(SaveError):
-    """No stream data arrived within the timeout."""
-
-
-def _keep_buffers_mapped() -> None:
-    """Keep freed 1 MiB read buffers in glibc's heap instead of returning them to the kernel.
-
-    By default glibc trims the heap (or unmaps) as soon as a couple of MiB are free, so
-    every stdin read faulted fresh pages in again: ~0.2 CPU s per GiB of stream.  With
-    these thresholds the few buffers in flight are reused (bounded by the read-ahead).
-    """
-    try:
-        version = os.confstr("CS_GNU_LIBC_VERSION") or ""
-    except (ValueError, OSError):  # not a name this libc knows
-        version = ""
-    if not version.startswith("glibc"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    except (OSError, AttributeError) as exc:
-        log.debug("mallopt: %s", exc)
-
-
-class StdinReader:
-    """Reads of stdin, each waiting at most ``timeout`` s for data.
-
-    The first reads hand out what ``ahead``'s child stored, while it goes on reading
-    until they catch up with it (or it reaches its bound: QEMU then waits until they
-    have).  After that, stdin is read here, not ahead in another thread or process
-    throughout: a read-ahead thread took the stream in the pieces QEMU writes (tens of
-    KiB) and paid a GIL hand-off per piece, which cost more CPU than it saved waiting.
-    A small read is topped up with what follows until there is enough to be worth
-    parsing, in short naps (0.3 ms): QEMU writes 14-32 KiB at a time, and waking for
-    each piece cost qsnap a fifth more CPU.  The pipe stays far from full, so QEMU does
-    not wait on it.  (A single 1 ms sleep after a small read, before any topping up,
-    held QEMU up: under load the wake-up came after the pipe had filled.)
-    """
-
-    def __init__(
-        self, timeout: float, ahead: ReadAhead | None = None, fd: int | None = None
-    ) -> None:
-        _keep_buffers_mapped()
-        if ahead is None:
-            self.fd = sys.stdin.fileno() if fd is None else fd
-            grow_pipe(self.fd)
-        else:
-            self.fd = ahead.fd  # grown when it started
-        self.timeout = timeout
-        self._ahead = ahead
-        self._poller = select.poll()
-        self._poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        self.received = 0
-        self._early: Backlog | None = None  # what the start-up child read, and goes on reading
-        self._from_stdin = False  # where the last read came from
-        self.ended = False
-
-    def _backlog(self) -> Backlog | None:
-        if self._ahead is not None:
-            self._early = self._ahead.take()
-            self._ahead = None
-        return self._early
-
-    def __call__(self, n: int) -> bytes:
-        early = self._backlog()
-        if early is not None:
-            data = early.read(n)
-            if data:
-                self.received += len(data)
-                self._from_stdin = False
-                return data
-            self.ended = early.ended
-            self._early = None
-        if self.ended:
-            return b""
-        self._wait()
-        data = os.read(self.fd, n)
-        if not data:
-            self.ended = True
-        elif len(data) < min(SMALL_READ, n):
-            data = self._top_up(data, n)
-        self.received += len(data)
-        self._from_stdin = True
-        return data
-
-    def readv(self, buffers: list[memoryview]) -> int:
-        """Read into ``buffers`` in order; 0 at the end."""
-        early = self._backlog()
-        if early is not None:
-            n = early.readv(buffers)
-            if n:
-                self.received += n
-                self._from_stdin = False
-                return n
-            self.ended = early.ended
-            self._early = None
-        if self.ended:
-            return 0
-        self._wait()
-        n = os.readv(self.fd, buffers)
-        if not n:
-            self.ended = True
-        self.received += n
-        self._from_stdin = True
-        return n
-
-    def nap(self) -> None:
-        """After a small read of stdin: one wake-up for several of QEMU's writes."""
-        if self._from_stdin:
-            time.sleep(GATHER_NAP)
-
-    def _wait(self) -> None:
-        if not self._poller.poll(self.timeout * 1000):
-            raise StalledStream(f"byte {self.received}: no stream data for {self.timeout:g} s")
-
-    def _top_up(self, data: bytes, n: int) -> bytes:
-        parts = [data]
-        size = len(data)
-        while size < min(SMALL_READ, n):
-            time.sleep(GATHER_NAP)  # one wake-up for several of QEMU's writes
-            if not self._poller.poll(0) and not self._poller.poll(GATHER_WAIT_MS):
-                break
-            more = os.read(self.fd, n - size)
-            if not more:
-                self.ended = True
-                break
-            parts.append(more)
-            size += len(more)
-        return b"".join(parts)
-
-
 def _read_pages_in_place(source: StdinReader, saver: StreamSaver, ahead: PageAhead) -> int | None:
     """Read the data pages that continue ``ahead`` straight into slots of shared memory.
 
@@ -456,6 +311,7 @@ def save(
     timeout: float = DEFAULT_TIMEOUT,
     ahead: ReadAhead | None = None,
     shared_writes: bool = True,
+    daemon: StorageDaemon | None = None,
 ) -> SaveResult:
     """Save the stream ``read`` returns (stdin by default) into the image at ``spec``.
 
@@ -463,13 +319,16 @@ def save(
     ``ahead``: what was reading stdin while qsnap started (taken over at the first read).
     ``shared_writes``: pages go through memory shared with the storage daemon where it
     and the host allow (see :class:`SnapshotImage`); False keeps everything on NBD.
+    ``daemon``: one already launched for ``spec`` and that access (the image owns it).
     """
     if read is None:
         read = StdinReader(timeout, ahead)
 
     start = time.monotonic()
     ticker = _Progress(progress)
-    with SnapshotImage.open(spec, writable=True, shared_writes=shared_writes) as image:
+    with SnapshotImage.open(
+        spec, writable=True, shared_writes=shared_writes, daemon=daemon
+    ) as image:
         try:
             writer = ImageWriter(image)
             saver = StreamSaver(writer, vmstate_only=vmstate_only, page_size=page_size)

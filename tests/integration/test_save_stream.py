@@ -31,7 +31,8 @@ from qsnap.harness.vm import VM
 from qsnap.image.snapshot import SnapshotImage
 from qsnap.image.spec import parse_spec
 from qsnap.image.virtqueue import ORDERED_HOST
-from qsnap.save import SaveResult, StdinReader, save
+from qsnap.save import SaveResult, save
+from qsnap.save_input import StdinReader
 from qsnap.stream import StreamError, StreamReader, encode
 from qsnap.stream import records as r
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stream_strategies import chunkings, valid_streams
-from test_stream_batches import expand, pages_of, read, run_streams
+from test_stream_batches import expand, page_size_of, pages_of, read, run_streams
 
 from qsnap.page_scatter import HEADER, PageScatter
 from qsnap.stream import RamEncoder, StreamError, StreamReader, encode, encode_footer
@@ -142,21 +142,25 @@ def read_taking_pages(
     """
     reader = StreamReader()
     items: list[Batch] = []
-    slot = memoryview(bytearray(capacity * PAGE))
-    fill = PageScatter(slot, PAGE)
+    fills: dict[int, tuple[memoryview, PageScatter]] = {}  # by page size (the stream's)
     pos = 0
     bounds = [*cuts, len(stream)]
     try:
         while pos < len(stream):
             ahead = reader.page_ahead()
             if ahead is not None:
+                size = reader.page_size
+                if size not in fills:
+                    slot = memoryview(bytearray(capacity * size))
+                    fills[size] = slot, PageScatter(slot, size)
+                slot, fill = fills[size]
                 fill.start(ahead.word, min(capacity, ahead.room))
                 fill.place(ahead.received)
-                fill_like_readv(fill, stream[pos:], pieces or [STEP])
+                fill_like_readv(fill, stream[pos:], pieces or [size + HEADER])
                 pos += fill.placed - len(ahead.received)
                 if fill.good:
                     pages = [
-                        memoryview(bytes(slot[i * PAGE : (i + 1) * PAGE])) for i in range(fill.good)
+                        memoryview(bytes(slot[i * size : (i + 1) * size])) for i in range(fill.good)
                     ]
                     items.append(RamPageRun(ahead.block, ahead.offset, tuple(pages)))
                 reader.skip_pages(fill.good)
@@ -201,7 +205,8 @@ def test_errors_are_the_same_at_the_same_byte(stream: object, data: st.DataObjec
     plain, plain_error = read(bytes(raw), cuts, batched=True)
     taken, error = read_taking_pages(bytes(raw), cuts, pieces, 3)
     assert error == plain_error
-    assert pages_of(expand(taken)) == pages_of(expand(plain))
+    size = page_size_of(plain)
+    assert pages_of(expand(taken, size)) == pages_of(expand(plain, size))
 
 
 def test_page_ahead_needs_a_data_page_of_the_current_block() -> None:

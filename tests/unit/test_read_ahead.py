@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qsnap.save
+import qsnap.save_input
 from qsnap.read_ahead import ReadAhead
-from qsnap.save import SMALL_READ, StalledStream, StdinReader
+from qsnap.save_input import SMALL_READ, StalledStream, StdinReader
 
 
 @contextmanager
@@ -156,7 +156,7 @@ def test_small_pieces_are_gathered_into_large_reads(monkeypatch: pytest.MonkeyPa
     the last), gathered as the pieces arrive, so parsing runs on large batches. The
     pause that ends gathering is widened here: a loaded CI machine can hold the writer
     thread back for longer than the real 2 ms, which would rightly end a batch early."""
-    monkeypatch.setattr(qsnap.save, "GATHER_WAIT_MS", 500)
+    monkeypatch.setattr(qsnap.save_input, "GATHER_WAIT_MS", 500)
     pieces = [bytes([i % 251]) * (16 << 10) for i in range(96)]  # 1.5 MiB in 16 KiB
     with pipe() as (r, w):
         trickle(w, pieces, 0.0002)
