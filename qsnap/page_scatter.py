@@ -121,6 +121,10 @@ class PageScatter:
             self._checked = headers
         self.good = min(self._checked, self.placed // step)
 
+    def good_pages(self) -> list[memoryview]:
+        """The slot's first ``good`` pages, as views of it."""
+        return self._vectors[1 : 2 * self.good : 2]
+
     def rest(self) -> bytes:
         """The bytes placed after the ``good`` records, in stream order (for the reader)."""
         start = self.good * self.step

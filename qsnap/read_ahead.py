@@ -61,9 +61,9 @@ NAP = 0.0003
 partly filled (QEMU goes on appending to it): spliced as soon as they arrived, the
 store pipes held 35 of their 64 MiB.  QEMU writes 100-200 KiB meanwhile, far from
 filling the 1 MiB pipe."""
-_STATE = struct.Struct("<Q?i?")
-"""Shared between the child and the parent: bytes stored, input ended, errno of a failure,
-and whether the child has stopped reading."""
+_STATE = struct.Struct("<Q?i")
+"""Shared between the child and the parent: bytes stored, input ended, errno of a
+failure."""
 
 
 def grow_pipe(fd: int) -> None:
@@ -115,14 +115,14 @@ def _fill(fd: int, store: list[int], limit: int, state: mmap.mmap, stop: int) ->
                     ended = True
                     return
                 size += n
-                _STATE.pack_into(state, 0, size, False, 0, False)
+                _STATE.pack_into(state, 0, size, False, 0)
             os.close(out)
             if size >= limit:
                 return
     except OSError as exc:
         error = exc.errno or -1
     finally:
-        _STATE.pack_into(state, 0, size, ended, error, True)
+        _STATE.pack_into(state, 0, size, ended, error)
 
 
 def _close_all_but(keep: set[int]) -> None:
@@ -208,7 +208,7 @@ class ReadAhead:
 
     def buffered(self) -> tuple[int, bool]:
         """Bytes read so far, and whether input ended (for tests and progress)."""
-        size, ended, _, _ = _STATE.unpack_from(self._state)
+        size, ended, _ = _STATE.unpack_from(self._state)
         return size, ended
 
     def stop(self) -> None:
@@ -233,12 +233,8 @@ class ReadAhead:
         return Backlog(self)
 
     def _published(self) -> tuple[int, bool, int]:
-        size, ended, error, _ = _STATE.unpack_from(self._state)
+        size, ended, error = _STATE.unpack_from(self._state)
         return size, ended, error
-
-    def reading(self) -> bool:
-        """Whether the child may still read stdin (nobody else may, meanwhile)."""
-        return bool(self._pid) and not _STATE.unpack_from(self._state)[3]
 
     def _close_store(self) -> None:
         for r in self._store:
@@ -258,10 +254,6 @@ class Backlog:
         self._pipe = 0  # the store pipe read from
         self.ended = False
         self.exhausted = False
-
-    @property
-    def child_reading(self) -> bool:
-        return self._ahead.reading()
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes (fewer at the end of a store pipe); b"" once exhausted."""

@@ -286,9 +286,9 @@ def _read_pages_in_place(source: StdinReader, saver: StreamSaver, ahead: PageAhe
                 if n < fill.asked and fill.open:
                     source.nap()
         except BaseException:
-            writer.write_lent(lent, 0)
+            writer.write_lent(lent, ())
             raise
-        writer.write_lent(lent, fill.good)
+        writer.write_lent(lent, fill.good_pages())
         done += fill.good
         room -= fill.good
         if fill.broken or fill.good < fill.pages or not room or source.ended:

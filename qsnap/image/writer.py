@@ -346,8 +346,8 @@ class ImageWriter:
     def lend_pages(self, block: str, offset: int, page_size: int) -> LentPages | None:
         """Memory shared with the daemon for the data pages of ``block`` from ``offset``.
 
-        The caller fills the first pages in place, then :meth:`write_lent` says how
-        many it filled.  None when writes do not go through shared memory.
+        The caller fills the first pages in place, then hands them to :meth:`write_lent`.
+        None when writes do not go through shared memory.
         """
         state = self._locate(block, offset, page_size)
         lent = self.image.lend_slot()
@@ -357,28 +357,22 @@ class ImageWriter:
         room = min(len(memory), state.entry.used_length - offset) // page_size
         return LentPages(block, offset, page_size, slot, memory, room)
 
-    def write_lent(self, lent: LentPages, count: int) -> None:
-        """Store the first ``count`` pages of ``lent`` (none: the memory goes back unused)."""
-        if not 0 <= count <= lent.room:
+    def write_lent(self, lent: LentPages, pages: Sequence[memoryview]) -> None:
+        """Store ``pages``: views of the first pages of ``lent``'s memory, in order (none:
+        the memory goes back unused)."""
+        count = len(pages)
+        if count > lent.room:
             raise ValueError(f"{count} pages written in a slot of {lent.room}")
         if not count:
             self.image.return_slot(lent.slot)
             return
-        size = lent.page_size
-        memory = lent.memory
-        pages = list(
-            map(
-                memory.__getitem__,
-                map(slice, range(0, count * size, size), range(size, (count + 1) * size, size)),
-            )
-        )
         try:
-            image_offset = self._account(lent.block, lent.offset, pages, size)
+            image_offset = self._account(lent.block, lent.offset, pages, lent.page_size)
         except BaseException:
             self.image.return_slot(lent.slot)
             raise
-        self.image.write_slot(lent.slot, image_offset, count * size)
-        self.stats.written_bytes += count * size
+        self.image.write_slot(lent.slot, image_offset, count * lent.page_size)
+        self.stats.written_bytes += count * lent.page_size
         self.stats.in_place_pages += count
 
     def zero(self, block: str, offset: int, page_size: int) -> None:

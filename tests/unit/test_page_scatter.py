@@ -106,6 +106,7 @@ def test_slot_holds_the_stream_pages_and_rest_is_what_follows(
     expect_good = min(len(pages), limit, fill.placed // STEP)
     assert fill.good == expect_good
     assert bytes(slot[: fill.good * PAGE]) == b"".join(pages[: fill.good])
+    assert [bytes(p) for p in fill.good_pages()] == pages[: fill.good]
     assert fill.rest() == placed[fill.good * STEP :]
     broke = len(pages) < limit and fill.placed >= len(pages) * STEP + HEADER
     broke = broke and stream[len(pages) * STEP : len(pages) * STEP + HEADER] != header(
