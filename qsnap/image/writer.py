@@ -153,17 +153,13 @@ class ImageWriter:
         self.client.drain()
 
     def _begin(self, header: Header, zero_from: int) -> None:
-        """Zero, then write the SAVING header.
-
-        No flush here (it cost the start of every save 15-20 ms, five ``fdatasync`` in
-        the daemon, while QEMU waited): whatever a crash leaves on disk is incomplete.
-        The header there is a SAVING one (a COMPLETE header was replaced and flushed in
-        ``__init__``), none, or not ours; :meth:`finish` flushes the zeroing and the
-        data before the COMPLETE header.
-        """
+        """Zero, write the SAVING header, flush: data written later cannot land under an
+        older header (NBD and qcow2 order nothing before a flush), and a save that fails
+        later leaves that header on disk however the daemon ends."""
         log.debug("pass starts; zeroing from %#x", zero_from)
         self._zero_from(zero_from)
         self.image.write_header(header)
+        self.image.flush()
         self.header = header
 
     def start_ram(self, head: StreamPrologue, setup: RamSetup) -> None:
