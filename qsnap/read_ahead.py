@@ -14,7 +14,7 @@ pipe in under 2 ms and then waits; QEMU spent most of qsnap's start-up waiting. 
 child reads as soon as QEMU writes.  The data stays in the store pipes until it is
 parsed: ``splice`` moves QEMU's own pipe buffers there, without a copy.  (Into a memfd,
 as before, the child copied every byte into memory touched for the first time: 0.08-0.1
-CPU s per 64 MiB, against 0.02-0.03 for the pipes, on the CPU that QEMU and qsnap's
+CPU s per 64 MiB, against about 0.01 for the pipes, on the CPU that QEMU and qsnap's
 start-up share.)
 
 Only the standard library is imported here: this runs before the rest of qsnap loads.

@@ -15,6 +15,13 @@ import time
 
 from qsnap.read_ahead import Backlog, ReadAhead, grow_pipe
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    _T = TypeVar("_T")
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 << 10
@@ -89,22 +96,28 @@ class StdinReader:
         self._from_stdin = False  # where the last read came from
         self.ended = False
 
-    def _backlog(self) -> Backlog | None:
+    def _from_backlog(self, read: Callable[[Backlog], _T]) -> _T | None:
+        """``read`` on what the start-up child stored while it lasts; None after that
+        (stdin's turn, or the end of the stream if the child saw it)."""
         if self._ahead is not None:
             self._early = self._ahead.take()
             self._ahead = None
-        return self._early
+        early = self._early
+        if early is None:
+            return None
+        got = read(early)
+        if got:
+            self._from_stdin = False
+            return got
+        self.ended = early.ended
+        self._early = None
+        return None
 
     def __call__(self, n: int) -> bytes:
-        early = self._backlog()
-        if early is not None:
-            data = early.read(n)
-            if data:
-                self.received += len(data)
-                self._from_stdin = False
-                return data
-            self.ended = early.ended
-            self._early = None
+        data = self._from_backlog(lambda early: early.read(n))
+        if data is not None:
+            self.received += len(data)
+            return data
         if self.ended:
             return b""
         self._wait()
@@ -119,15 +132,10 @@ class StdinReader:
 
     def readv(self, buffers: list[memoryview]) -> int:
         """Read into ``buffers`` in order; 0 at the end."""
-        early = self._backlog()
-        if early is not None:
-            n = early.readv(buffers)
-            if n:
-                self.received += n
-                self._from_stdin = False
-                return n
-            self.ended = early.ended
-            self._early = None
+        n = self._from_backlog(lambda early: early.readv(buffers))
+        if n is not None:
+            self.received += n
+            return n
         if self.ended:
             return 0
         self._wait()
