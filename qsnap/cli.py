@@ -120,7 +120,8 @@ def _run_save(args: argparse.Namespace) -> int:
     ahead: ReadAhead | None = args.read_ahead
     daemon = None
     try:
-        daemon = _launch_save_daemon(args)
+        daemon = _save_daemon(args)
+        daemon.launch()  # only once held: a signal delivered by launch() must find it
         from qsnap.save import SaveError, report, save  # while the daemon starts
 
         try:
@@ -147,8 +148,8 @@ def _run_save(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_save_daemon(args: argparse.Namespace) -> StorageDaemon:
-    """The storage daemon for the image, started before the save's imports.
+def _save_daemon(args: argparse.Namespace) -> StorageDaemon:
+    """The storage daemon for the image, to be launched before the save's imports.
 
     Its start (15-25 ms until its exports are up) then overlaps them instead of following
     them, and QEMU, stalled once the read-ahead child holds its bound, waits less (QEMU's
@@ -158,11 +159,9 @@ def _launch_save_daemon(args: argparse.Namespace) -> StorageDaemon:
     from qsnap.image.spec import parse_spec
     from qsnap.image.virtqueue import ORDERED_HOST
 
-    daemon = StorageDaemon(
+    return StorageDaemon(
         parse_spec(args.image), writable=True, vhost_user=not args.nbd_only and ORDERED_HOST
     )
-    daemon.launch()
-    return daemon
 
 
 # -- create / info / verify -------------------------------------------------------------

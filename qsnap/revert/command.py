@@ -117,8 +117,8 @@ def _stdin_is_channel() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def launch_daemon(args: argparse.Namespace) -> StorageDaemon:
-    """Check the arguments and start the storage daemon, without waiting for it."""
+def revert_daemon(args: argparse.Namespace) -> StorageDaemon:
+    """Check the arguments; the storage daemon to launch for them."""
     from qsnap.image.daemon import StorageDaemon
     from qsnap.image.spec import parse_spec
     from qsnap.image.virtqueue import ORDERED_HOST
@@ -131,9 +131,7 @@ def launch_daemon(args: argparse.Namespace) -> StorageDaemon:
     if args.postcopy is not None and (args.no_return_path or not _stdin_is_channel()):
         raise RevertError("--postcopy needs QEMU's return path on stdin (a pipe)")
     shared = args.postcopy is None and not args.nbd_only and ORDERED_HOST
-    daemon = StorageDaemon(parse_spec(image), writable=False, vhost_user=shared)
-    daemon.launch()
-    return daemon
+    return StorageDaemon(parse_spec(image), writable=False, vhost_user=shared)
 
 
 def revert(args: argparse.Namespace, sink: StreamSink, daemon: StorageDaemon) -> RevertStats:
@@ -210,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
     daemon: StorageDaemon | None = None
     try:
         with revert_signals():
-            daemon = launch_daemon(args)
+            daemon = revert_daemon(args)
+            daemon.launch()  # only once held: a signal delivered by launch() must find it
             from qsnap.revert.sink import StreamSink
 
             sink = StreamSink(1)

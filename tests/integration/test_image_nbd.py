@@ -144,6 +144,44 @@ def test_socket_dir_is_private_and_daemon_is_cleaned_up(tmp_path: Path) -> None:
     assert not os.path.exists(directory)
 
 
+# SIGTERM sent by qsnap to itself the moment the daemon is forked: launch() holds it back
+# and delivers it as it returns, the narrowest window in which the daemon could be lost.
+_SIGNAL_AT_LAUNCH = """
+import os, signal, subprocess, sys
+from qsnap.cli import main
+real = subprocess.Popen
+def popen(argv, **kwargs):
+    proc = real(argv, **kwargs)
+    with open(sys.argv[1], "w") as f:
+        print(proc.pid, argv[argv.index("--pidfile") + 1], file=f)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return proc
+subprocess.Popen = popen
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [("save", "interrupted by SIGTERM"), ("revert", "terminated by SIGTERM")],
+)
+def test_a_signal_as_the_daemon_starts_still_stops_it(
+    tmp_path: Path, command: str, message: str
+) -> None:
+    image = qcow2(tmp_path / "s.qcow2", 8 * MiB)
+    seen = tmp_path / "daemon"
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT_LAUNCH, str(seen), command, str(image)],
+        input=b"",
+        capture_output=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr.decode()) == (1, f"qsnap {command}: error: {message}\n")
+    pid, pidfile = seen.read_text().split()
+    assert not os.path.exists(f"/proc/{pid}")
+    assert not os.path.exists(os.path.dirname(pidfile))
+
+
 def test_a_daemon_deaf_to_sigterm_is_killed_after_the_grace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
