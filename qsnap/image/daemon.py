@@ -3,9 +3,10 @@
 For bulk reads and writes the same node can also be exported as vhost-user-blk (writable
 only when the NBD export is), on a second socket (see :mod:`qsnap.image.vhost_blk`).
 qsnap never parses qcow2 itself: QEMU's block layer does, in this child process.  The
-socket lives in a fresh 0700 directory so no other user can reach the export.  The daemon
-dies with qsnap (PR_SET_PDEATHSIG) even if qsnap is killed with SIGKILL, and runs in its
-own session so a terminal's Ctrl-C reaches only qsnap, which then shuts it down cleanly.
+socket lives in a fresh 0700 directory so no other user can reach the export; it is
+removed once qsnap has connected.  The daemon dies with qsnap (PR_SET_PDEATHSIG) even if
+qsnap is killed with SIGKILL, and runs in its own session so a terminal's Ctrl-C reaches
+only qsnap, which then shuts it down cleanly.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class StorageDaemon:
         self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr_path = ""
+        self._log_fd: int | None = None
         self.socket_path = ""
         self.vhost_user_path = ""
         self.pid_path = ""
@@ -168,6 +170,7 @@ class StorageDaemon:
         log.debug("starting %s", " ".join(argv))
         # Should qsnap die before it can stop the daemon, PDEATHSIG still ends it.
         with open(self._stderr_path, "wb") as err, _signals_deferred():
+            self._log_fd = os.open(self._stderr_path, os.O_RDONLY | os.O_CLOEXEC)
             self._proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -177,6 +180,15 @@ class StorageDaemon:
                 preexec_fn=_die_with_parent,
                 env=_daemon_env(),
             )
+
+    def connected(self) -> None:
+        """qsnap has made its connections: the sockets, the pid file and their directory
+        go now, so that a qsnap killed with SIGKILL (the daemon follows it through
+        PR_SET_PDEATHSIG) leaves nothing behind.  The log stays readable through an open
+        descriptor (:meth:`stderr_text`)."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     @property
     def launched(self) -> bool:
@@ -202,11 +214,9 @@ class StorageDaemon:
 
     def stderr_text(self) -> str:
         """What the daemon printed so far, as one line (empty when nothing)."""
-        try:
-            with open(self._stderr_path, encoding="utf-8", errors="replace") as f:
-                text = f.read(64 * 1024)
-        except OSError:
+        if self._log_fd is None:
             return ""
+        text = os.pread(self._log_fd, 64 * 1024, 0).decode("utf-8", errors="replace")
         return _one_line(text) or _NO_MESSAGE
 
     def death(self, grace: float = 1.0) -> str:
@@ -254,7 +264,7 @@ class StorageDaemon:
                 try:
                     proc.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
-                    # its log goes with the socket directory below: say what it said
+                    # its log is closed below: say what it said
                     log.warning(
                         "qemu-storage-daemon ignored SIGTERM for %g s; killing it (it said: %s)",
                         grace,
@@ -264,6 +274,7 @@ class StorageDaemon:
                     proc.wait(timeout=self.timeout)
             if proc.returncode not in (0, -signal.SIGTERM):
                 log.debug("qemu-storage-daemon exited with %s", proc.returncode)
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        self.connected()

@@ -157,6 +157,7 @@ class SnapshotImage:
                 )
             except (ImageError, OSError) as exc:
                 log.debug("vhost-user-blk unavailable (%s): NBD only", exc)
+        self._daemon.connected()
 
     def _connect(self) -> NbdClient:
         """Connect; the socket file can exist a moment before the daemon listens on it."""

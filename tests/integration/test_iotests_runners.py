@@ -125,9 +125,12 @@ def test_check_with_missing_qemu_is_one_clear_line(source: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize(("name", "status"), [("good", 0), ("bad", 1), ("skipped", 77)])
-def test_a_test_run_on_its_own_judges_itself(source: Path, name: str, status: int) -> None:
+def test_a_test_run_on_its_own_judges_itself(
+    source: Path, tmp_path: Path, name: str, status: int
+) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("TEST_DIR", "SOCK_DIR")}
     env["PYTHONPATH"] = str(TOP / "iotests")
+    env["TMPDIR"] = str(tmp_path)
     script = source / "tests" / name
     done = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=TIMEOUT
@@ -135,11 +138,15 @@ def test_a_test_run_on_its_own_judges_itself(source: Path, name: str, status: in
     assert done.returncode == status, done.stdout + done.stderr
     verdict = {0: "pass", 1: "fail", 77: "not run"}[status]
     assert done.stderr.splitlines()[0].startswith(f"{name}: {verdict}")
+    kept = list(tmp_path.glob(f"qsnap-iotest-{name}-*"))  # a failed test's files are kept
+    assert len(kept) == (1 if name == "bad" else 0)
+    if kept:
+        assert done.stderr.splitlines()[-1] == f"{name}: files kept in {kept[0]}"
 
 
 def test_avocado_runs_them_as_exec_tests(source: Path, tmp_path: Path) -> None:
     avocado = Path(sys.executable).parent / "avocado"
-    env = dict(os.environ, PYTHONPATH=str(TOP / "iotests"))
+    env = dict(os.environ, PYTHONPATH=str(TOP / "iotests"), TMPDIR=str(tmp_path))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     results = tmp_path / "avocado"
     done = subprocess.run(

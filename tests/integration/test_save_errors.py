@@ -276,6 +276,46 @@ def test_signal_stops_the_save_and_its_daemon(
     assert "incomplete image" in verify.stderr or "header is empty" in verify.stderr
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_killed_save_leaves_no_socket_directory(stream: bytes, tmp_path: Path) -> None:
+    """SIGKILL cannot be cleaned up after: so the daemon's directory (sockets, pid file,
+    log) is gone as soon as qsnap has connected, and the daemon follows qsnap."""
+    image = create(tmp_path / "k.qcow2")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [QSNAP, "save", str(image)],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(stream[: len(stream) // 4])
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not (daemons := _daemons(proc.pid)) or list(tmp.iterdir()):
+            assert time.monotonic() < deadline, f"daemons {daemons}, left: {list(tmp.iterdir())}"
+            time.sleep(0.02)
+        assert proc.poll() is None  # the save waits for the rest of the stream
+        proc.kill()
+        proc.wait()
+        while not all(_gone(pid) for pid in daemons):
+            assert time.monotonic() < deadline, "the daemon outlived qsnap"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(tmp.iterdir()) == []
+    assert_not_complete(image)
+
+
 def test_daemon_dying_mid_save_is_reported(stream: bytes, tmp_path: Path) -> None:
     image = create(tmp_path / "dd.qcow2")
     proc = subprocess.Popen(
