@@ -6,7 +6,8 @@ machine's drift affects them alike.  ``FILE`` and ``IMAGE`` in a command are rep
 a scratch file and a fresh ``qsnap create`` image; ``python-readinto`` is a Python loop
 that only reads the stream into one 1 MiB buffer (the floor for any consumer written in
 Python).  Prints the best and median of QEMU's ``total-time`` (what the guest waits for)
-per consumer.  Numbers only: it never fails on time.
+per consumer, and the medians of QEMU's own CPU time and of its waits for the consumer
+(``total-time`` minus that CPU).  Numbers only: it never fails on time.
 
     bench/bench_save_consumers.py 'cat > FILE' python-readinto 'qsnap save IMAGE'
 """
@@ -20,7 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_save import QSNAP, fresh_bytecode, fresh_image, paused_pattern_guest, snapshot
+from bench_save import (
+    QSNAP,
+    Timing,
+    fresh_bytecode,
+    fresh_image,
+    paused_pattern_guest,
+    snapshot,
+)
 
 READINTO = (
     "import os, fcntl; fcntl.fcntl(0, fcntl.F_SETPIPE_SZ, 1 << 20); buf = bytearray(1 << 20)\n"
@@ -45,7 +53,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
-    times: dict[str, list[float]] = {c: [] for c in args.commands}
+    times: dict[str, list[Timing]] = {c: [] for c in args.commands}
     fresh_bytecode()
     with tempfile.TemporaryDirectory(prefix="bench-consumers-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -56,15 +64,19 @@ def main() -> int:
                 for command in args.commands:
                     fresh_image(image, args.memory_mib)
                     timing = snapshot(vm, expand(command, scratch, image), tmp / "rc", args.timeout)
-                    times[command].append(timing.source)
+                    times[command].append(timing)
                     scratch.unlink(missing_ok=True)
         finally:
             vm.shutdown()
     print(f"QEMU migrating, {args.memory_mib} MiB paused pattern guest, {args.rounds} rounds")
-    for command, values in times.items():
+    for command, timings in times.items():
+        values = [t.source for t in timings]
+        cpu = statistics.median(t.qemu_cpu for t in timings)
+        waited = statistics.median(t.blocked for t in timings)
         print(
             f"best {min(values):6.3f} s  median {statistics.median(values):6.3f} s  "
-            f"(all {' '.join(f'{v:.2f}' for v in values)})  {command}"
+            f"(all {' '.join(f'{v:.2f}' for v in values)})  QEMU CPU {cpu:.2f} s, "
+            f"waited {waited:.2f} s  {command}"
         )
     return 0
 
