@@ -6,6 +6,7 @@ and ``verify`` refuses it (or that there is no snapshot at all).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,16 +244,18 @@ def _daemons(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_the_save_and_its_daemon(
-    stream: bytes, tmp_path: Path, sig: signal.Signals
-) -> None:
-    image = create(tmp_path / "sig.qcow2")
+@contextlib.contextmanager
+def _save_under_way(
+    stream: bytes, image: Path, **popen: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    """A save given the first quarter of ``stream``, once its storage daemon runs (its
+    pids come with it); killed on the way out."""
     proc = subprocess.Popen(
         [QSNAP, "save", str(image)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        **popen,
     )
     assert proc.stdin is not None
     try:
@@ -261,11 +265,20 @@ def test_signal_stops_the_save_and_its_daemon(
         while not (daemons := _daemons(proc.pid)):
             assert time.monotonic() < deadline, "no qemu-storage-daemon started"
             time.sleep(0.02)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=30)
+        yield proc, daemons
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_save_and_its_daemon(
+    stream: bytes, tmp_path: Path, sig: signal.Signals
+) -> None:
+    image = create(tmp_path / "sig.qcow2")
+    with _save_under_way(stream, image) as (proc, daemons):
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert out == b""
     assert err.decode() == f"qsnap save: error: interrupted by {sig.name}\n"
@@ -289,19 +302,13 @@ def test_a_killed_save_leaves_no_socket_directory(stream: bytes, tmp_path: Path)
     image = create(tmp_path / "k.qcow2")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    proc = subprocess.Popen(
-        [QSNAP, "save", str(image)],
-        stdin=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "TMPDIR": str(tmp)},
-    )
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(stream[: len(stream) // 4])
-        proc.stdin.flush()
+    with _save_under_way(stream, image, env={**os.environ, "TMPDIR": str(tmp)}) as (
+        proc,
+        daemons,
+    ):
         deadline = time.monotonic() + 30
-        while not (daemons := _daemons(proc.pid)) or list(tmp.iterdir()):
-            assert time.monotonic() < deadline, f"daemons {daemons}, left: {list(tmp.iterdir())}"
+        while list(tmp.iterdir()):
+            assert time.monotonic() < deadline, f"left while connected: {list(tmp.iterdir())}"
             time.sleep(0.02)
         assert proc.poll() is None  # the save waits for the rest of the stream
         proc.kill()
@@ -309,36 +316,17 @@ def test_a_killed_save_leaves_no_socket_directory(stream: bytes, tmp_path: Path)
         while not all(_gone(pid) for pid in daemons):
             assert time.monotonic() < deadline, "the daemon outlived qsnap"
             time.sleep(0.02)
-    finally:
-        proc.kill()
-        proc.wait()
     assert list(tmp.iterdir()) == []
     assert_not_complete(image)
 
 
 def test_daemon_dying_mid_save_is_reported(stream: bytes, tmp_path: Path) -> None:
     image = create(tmp_path / "dd.qcow2")
-    proc = subprocess.Popen(
-        [QSNAP, "save", str(image)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(stream[: len(stream) // 4])
-        proc.stdin.flush()
-        deadline = time.monotonic() + 30
-        while not (daemons := _daemons(proc.pid)):
-            assert time.monotonic() < deadline, "no qemu-storage-daemon started"
-            time.sleep(0.02)
+    with _save_under_way(stream, image) as (proc, daemons):
         for pid in daemons:
             os.kill(pid, signal.SIGKILL)
         # qsnap may have given up already: communicate() ignores the broken pipe
         out, err = proc.communicate(stream[len(stream) // 4 :], timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
     assert proc.returncode == 1
     assert out == b""
     text = err.decode()
