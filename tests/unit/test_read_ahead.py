@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -270,3 +273,57 @@ def test_a_file_is_read_ahead_across_store_pipes(tmp_path: Path) -> None:
         assert got == data
     finally:
         os.close(fd)
+
+
+def _pending(fd: int) -> int:
+    size = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, size)
+    return size[0]
+
+
+def test_stdin_is_moved_out_before_it_is_copied() -> None:
+    """Copying out of a pipe holds its mutex, which QEMU's writes spin on: a read first
+    moves all that stdin holds into qsnap's own pipe (splice), then copies from there."""
+    data = bytes(range(256)) * 192  # 48 KiB: fits stdin's pipe before anything reads it
+    with pipe() as (r, w):
+        _write_all(w, data)
+        read = StdinReader(5.0, fd=r)
+        first = bytearray(100)
+        assert read.readv([memoryview(first)]) == 100
+        assert _pending(r) == 0  # stdin is empty: the rest waits in the relay
+        _write_all(w, b"more")
+        os.close(w)
+        rest = b"".join(iter(lambda: read(7000), b""))
+    assert bytes(first) + rest == data + b"more"
+    assert read.ended
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(1, 40_000), min_size=1, max_size=12),
+    st.lists(st.tuples(st.booleans(), st.integers(1, 70_000)), min_size=1, max_size=30),
+)
+def test_reads_and_readvs_through_the_relay_keep_the_stream(
+    pieces: list[int], reads: list[tuple[bool, int]]
+) -> None:
+    """However the writes and the reads are cut, read() and readv() mixed hand out the
+    stream in order, once, and its end."""
+    stream = bytes(i % 253 for i in range(sum(pieces)))
+    chunks = [stream[sum(pieces[:i]) : sum(pieces[: i + 1])] for i in range(len(pieces))]
+    got = bytearray()
+    with pipe() as (r, w):
+        trickle(w, chunks, 0.0001)
+        read = StdinReader(5.0, fd=r)
+        for turn in range(len(stream) + 2):  # each read takes a byte at least
+            as_readv, size = reads[turn % len(reads)]
+            if as_readv:
+                buffers = [memoryview(bytearray(size // 2 + 1)), memoryview(bytearray(size))]
+                n = read.readv(buffers)
+                got += b"".join(bytes(b) for b in buffers)[:n]
+            else:
+                n = len(part := read(size))
+                got += part
+            if not n:
+                break
+    assert bytes(got) == stream
+    assert read.ended
