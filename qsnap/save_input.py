@@ -186,7 +186,7 @@ class StdinReader:
         if self.ended:
             return 0
         self._wait()
-        n = self._relay.readv(buffers) if self._relay is not None else os.readv(self.fd, buffers)
+        n = self._readv(buffers)
         if not n:
             self._end()
         self.received += n
@@ -201,8 +201,12 @@ class StdinReader:
     def _read(self, n: int) -> bytes:
         return self._relay.read(n) if self._relay is not None else os.read(self.fd, n)
 
+    def _readv(self, buffers: list[memoryview]) -> int:
+        return self._relay.readv(buffers) if self._relay is not None else os.readv(self.fd, buffers)
+
     def _ready(self, ms: float) -> bool:
-        """Something to read within ``ms`` (or the end of the stream)."""
+        """Something to read within ``ms`` (or the end of the stream).  The first call
+        comes once the backlog is read: stdin goes through the relay from then on."""
         if self._relay is None:
             if self._pipe and not self.ended:
                 self._relay = _Relay(self.fd)

@@ -186,6 +186,9 @@ class StorageDaemon:
         go now, so that a qsnap killed with SIGKILL (the daemon follows it through
         PR_SET_PDEATHSIG) leaves nothing behind.  The log stays readable through an open
         descriptor (:meth:`stderr_text`)."""
+        self._remove_dir()
+
+    def _remove_dir(self) -> None:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -277,4 +280,4 @@ class StorageDaemon:
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
-        self.connected()
+        self._remove_dir()
