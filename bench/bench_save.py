@@ -140,7 +140,7 @@ def main() -> int:
             kinds = list(times)
             for round_ in range(args.rounds):
                 # each in turn comes first: what follows a flush of 512 MiB runs slower
-                for kind in kinds[round_ % 3 :] + kinds[: round_ % 3]:
+                for kind in kinds[round_ % len(kinds) :] + kinds[: round_ % len(kinds)]:
                     if kind == "qsnap":
                         fresh_image(image, args.memory_mib)
                         err = tmp / "save.json"

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from process_helpers import gone
 
 from qsnap.harness.qemu import find_qemu, probe_background_snapshot, qemu_version
 from qsnap.harness.vm import (
@@ -198,21 +199,6 @@ def test_context_manager_shuts_down(tmp_path: Path) -> None:
     assert launched.exitcode == 0
     with pytest.raises(VMError, match="not launched"):
         vm.runstate()
-
-
-def gone(pid: int, timeout: float = 10.0) -> bool:
-    """Whether process `pid` ends (or is only a zombie) within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 def test_stuck_migration_times_out_and_shutdown_ends_everything(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from process_helpers import gone
 
 from qsnap.harness import scenario
 from qsnap.harness.guests import PatternGuest
@@ -294,13 +295,6 @@ def _assert_never_complete(image: Path) -> None:
     assert "incomplete image" in verify.stderr or "header is empty" in verify.stderr
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def test_a_killed_save_leaves_no_socket_directory(stream: bytes, tmp_path: Path) -> None:
     """SIGKILL cannot be cleaned up after: so the daemon's directory (sockets, pid file,
     log) is gone as soon as qsnap has connected, and the daemon follows qsnap."""
@@ -318,9 +312,7 @@ def test_a_killed_save_leaves_no_socket_directory(stream: bytes, tmp_path: Path)
         assert proc.poll() is None  # the save waits for the rest of the stream
         proc.kill()
         proc.wait()
-        while not all(_gone(pid) for pid in daemons):
-            assert time.monotonic() < deadline, "the daemon outlived qsnap"
-            time.sleep(0.02)
+        assert all(gone(pid, timeout=30) for pid in daemons), "the daemon outlived qsnap"
     assert list(tmp.iterdir()) == []
     _assert_never_complete(image)
 
